@@ -9,7 +9,7 @@ __all__ = ['conv_out_size', 'check_images', 'check_vectors', 'count_parameters',
            'prior_discriminator', 'CRLEncoder', 'ProjectionHead', 'AugmentationPolicyNet', 'equivae_convs',
            'InvariantEncoder', 'EquivariantEncoder', 'EquiVAEDecoder', 'EquiVAEClassifier']
 
-# %% ../nbs/06_models.ipynb #ad821a4d
+# %% ../nbs/06_models.ipynb #7bee7207
 import math
 import numbers
 import torch
@@ -17,12 +17,12 @@ from torch import nn
 import torch.nn.functional as F
 from .critics import mlp
 
-# %% ../nbs/06_models.ipynb #759b26f7
+# %% ../nbs/06_models.ipynb #c37647eb
 def conv_out_size(size, kernel, stride=1, padding=0):
     "Side length after a convolution or pooling window: floor((size + 2*padding - kernel) / stride) + 1."
     return (size + 2 * padding - kernel) // stride + 1
 
-# %% ../nbs/06_models.ipynb #87006007
+# %% ../nbs/06_models.ipynb #60a46238
 def _positive_int(value, name):
     "Return `value` as an int, or raise a ValueError naming the argument."
     if not (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0):
@@ -51,7 +51,7 @@ def check_vectors(t, dim, name, who):
     if t.dim() != 2 or t.shape[-1] != dim:
         raise ValueError(f"{who}: `{name}` must have shape [B, {dim}], got {list(t.shape)}")
 
-# %% ../nbs/06_models.ipynb #c6ad58b1
+# %% ../nbs/06_models.ipynb #e80ebf53
 def count_parameters(model):
     "Number of trainable parameters."
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -84,7 +84,7 @@ def print_layer_table(model, *inputs):
         print(f"{name:<24}{kind:<18}{str(list(shape[1:]) if shape else '-'):<20}{n:>11,}")
     print(f"{'total':<62}{count_parameters(model):>11,}")
 
-# %% ../nbs/06_models.ipynb #62144365
+# %% ../nbs/06_models.ipynb #788cf166
 _POOLS = {'max': nn.MaxPool2d, 'avg': nn.AvgPool2d}
 
 
@@ -152,7 +152,7 @@ class ConvEncoder(nn.Module):
         f = self.features(x)
         return f.get('y', f.get('fc', f['flat']))
 
-# %% ../nbs/06_models.ipynb #b5530720
+# %% ../nbs/06_models.ipynb #b61ce812
 class NINEncoder(ConvEncoder):
     "Network-in-Network conv stack of AVT/VTE (Table 5 of [000]): a 3x32x32 image -> 8x8x8 map -> 512-d vector."
     def __init__(self, in_channels=3, image_size=32, out_channels=8, batch_norm=True):
@@ -160,7 +160,7 @@ class NINEncoder(ConvEncoder):
                  (192, 5, 1, 2, None), (192, 1, 1, 0, None), (out_channels, 1, 1, 0, ('avg', 3, 2, 1))]
         super().__init__(in_channels, image_size, convs, batch_norm=batch_norm)
 
-# %% ../nbs/06_models.ipynb #999f9d9e
+# %% ../nbs/06_models.ipynb #800ab3eb
 class AlexNetEncoder(ConvEncoder):
     "AlexNet-style conv stack of VTE on STL-10 (Table 6 of [000]): a 3x32x32 image -> 256x2x2 map -> 1024-d vector."
     def __init__(self, in_channels=3, image_size=32, widths=(64, 192, 384, 256, 256), batch_norm=False):
@@ -170,7 +170,7 @@ class AlexNetEncoder(ConvEncoder):
                  (widths[3], 3, 1, 1, None), (widths[4], 3, 1, 1, pool)]
         super().__init__(in_channels, image_size, convs, batch_norm=batch_norm)
 
-# %% ../nbs/06_models.ipynb #d2a85052
+# %% ../nbs/06_models.ipynb #23590bf3
 def gaussian_rsample(mean, logvar, n=None):
     "Reparameterised draw z = mean + exp(logvar/2) * eps, eps ~ N(0, I); with `n`, n draws stacked first: [n, *mean.shape]."
     std = torch.exp(0.5 * logvar)
@@ -178,13 +178,20 @@ def gaussian_rsample(mean, logvar, n=None):
     return mean + std * torch.randn(shape, dtype=mean.dtype, device=mean.device)
 
 
+def _f32(*ts):
+    "Half-precision tensors (autocast outputs) upcast to float32, so sums over many dimensions stay accurate."
+    return [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in ts]
+
+
 def gaussian_log_prob(value, mean, logvar):
-    "log N(value; mean, diag(exp(logvar))), summed over the last axis."
+    "log N(value; mean, diag(exp(logvar))), summed over the last axis (computed in float32 for half inputs)."
+    value, mean, logvar = _f32(value, mean, logvar)
     return -0.5 * (math.log(2 * math.pi) + logvar + (value - mean) ** 2 * torch.exp(-logvar)).sum(-1)
 
 
 def gaussian_kl_standard(mean, logvar):
-    "KL( N(mean, diag(exp(logvar))) || N(0, I) ), summed over the last axis."
+    "KL( N(mean, diag(exp(logvar))) || N(0, I) ), summed over the last axis (computed in float32 for half inputs)."
+    mean, logvar = _f32(mean, logvar)
     return 0.5 * (torch.exp(logvar) + mean ** 2 - 1.0 - logvar).sum(-1)
 
 
@@ -192,7 +199,7 @@ def as_normal(mean, logvar):
     "The same diagonal Gaussian as a torch.distributions object (an Independent Normal over the last axis)."
     return torch.distributions.Independent(torch.distributions.Normal(mean, torch.exp(0.5 * logvar)), 1)
 
-# %% ../nbs/06_models.ipynb #501e25f8
+# %% ../nbs/06_models.ipynb #c9d79f0e
 class GaussianHead(nn.Module):
     "Diagonal-Gaussian head: h -> (mean, log-variance), each a linear map (with `hidden`: each its own one-hidden-layer MLP)."
     def __init__(self, in_dim, out_dim, hidden=None):
@@ -228,7 +235,7 @@ class GaussianEncoder(nn.Module):
         mean, logvar = self(x)
         return gaussian_rsample(mean, logvar), mean, logvar
 
-# %% ../nbs/06_models.ipynb #a32245c9
+# %% ../nbs/06_models.ipynb #ff6d090d
 def _halving_plan(image_size, stop_at=7):
     "Number of stride-2 halvings until the map is at most `stop_at` wide, and whether every halved side is even."
     s, n, even = image_size, 0, True
@@ -253,7 +260,7 @@ class DCGANEncoder(ConvEncoder):
         super().__init__(in_channels, image_size, convs, fc_dims=(fc_dim,), out_dim=y_dim, batch_norm=batch_norm,
                          local_layer=local_layer, out_activation=y_activation)
 
-# %% ../nbs/06_models.ipynb #bb8396ea
+# %% ../nbs/06_models.ipynb #6778af21
 class DIMAlexNetEncoder(ConvEncoder):
     "Deep InfoMax's AlexNet-style encoder for 64x64 crops: five 3x3 convs (BN, ReLU, 3 max-pools) -> fc 4096 x2 -> Y (64)."
     def __init__(self, in_channels=3, image_size=64, widths=(96, 192, 384, 384, 192), fc_dims=(4096, 4096), y_dim=64,
@@ -265,12 +272,12 @@ class DIMAlexNetEncoder(ConvEncoder):
         super().__init__(in_channels, image_size, convs, fc_dims=tuple(fc_dims), out_dim=y_dim, batch_norm=batch_norm,
                          local_layer=local_layer, out_activation=y_activation)
 
-# %% ../nbs/06_models.ipynb #c6dfa585
+# %% ../nbs/06_models.ipynb #8d421dfb
 def prior_discriminator(in_dim=64, hidden=(1000, 200)):
     "Deep InfoMax's prior-matching discriminator (Table 10 of [002]): in_dim -> 1000 -> 200 -> 1 logit, ReLU between."
     return mlp([in_dim, *hidden, 1])
 
-# %% ../nbs/06_models.ipynb #d540826a
+# %% ../nbs/06_models.ipynb #db250fe7
 class CRLEncoder(ConvEncoder):
     "CRL-TAC's encoder f: 3x3 conv (ReLU, 2x2 max-pool) per width -> fully connected to a 200-d representation (ReLU)."
     def __init__(self, in_channels=1, image_size=20, widths=(32, 64), out_dim=200, kernel_size=3):
@@ -303,7 +310,7 @@ class AugmentationPolicyNet(ConvEncoder):
         "log P(t|x) for every transformation t: [B, n_transforms], each row a normalised log-distribution."
         return torch.log_softmax(self(x), dim=-1)
 
-# %% ../nbs/06_models.ipynb #6f8cac2e
+# %% ../nbs/06_models.ipynb #2e405baf
 def equivae_convs(filters=(8, 16, 32, 64, 64), kernel_size=5):
     "EquiVAE's conv blocks: 5x5 kernels, 'same' padding, stride 1 for the first layer and 2 after, ReLU, no batch norm."
     return [(f, kernel_size, 1 if i == 0 else 2, kernel_size // 2, None) for i, f in enumerate(filters)]
@@ -343,7 +350,7 @@ class InvariantEncoder(nn.Module):
             pooled = (e * w).sum(1) / count
         return self.head(pooled)
 
-# %% ../nbs/06_models.ipynb #7385af4b
+# %% ../nbs/06_models.ipynb #25ae14b3
 class EquivariantEncoder(nn.Module):
     "EquiVAE's q(v | r_y, x): conv embedding of x (dense 128) and a dense embedding of r_y, concatenated -> (mean, logvar) of v."
     def __init__(self, in_channels=1, image_size=28, r_dim=16, v_dim=16, filters=(8, 16, 32, 64, 64), x_dim=None,
@@ -363,7 +370,7 @@ class EquivariantEncoder(nn.Module):
         check_vectors(r, self.r_dim, 'r', type(self).__name__)
         return self.head(torch.cat([self.embed_x(x), self.embed_r(r)], dim=-1))
 
-# %% ../nbs/06_models.ipynb #d296445f
+# %% ../nbs/06_models.ipynb #e328e19d
 def _transpose_padding(size_in, size_out, kernel, stride=2):
     "(padding, output_padding) that make a transposed conv map size_in to exactly size_out, or None if impossible."
     d = (size_in - 1) * stride + kernel - size_out  # must equal 2*padding - output_padding
@@ -408,7 +415,8 @@ class EquiVAEDecoder(nn.Module):
         return self.deconv(h[:, :, None, None])
 
     def log_prob(self, x, out):
-        "log p(x | r_y, v) summed over pixels: [B]. Bernoulli: x in [0, 1], `out` logits; Gaussian: `out` means."
+        "log p(x | r_y, v) summed over pixels: [B]. Bernoulli: x in [0, 1], `out` logits; Gaussian: `out` means. float32."
+        x, out = _f32(x, out)
         if self.likelihood == 'bernoulli':
             return -F.binary_cross_entropy_with_logits(out, x, reduction='none').flatten(1).sum(-1)
         var = self.gaussian_std ** 2
@@ -418,7 +426,7 @@ class EquiVAEDecoder(nn.Module):
         "The expected image E[x | r_y, v]: sigmoid(logits) for Bernoulli, the means themselves for Gaussian."
         return torch.sigmoid(out) if self.likelihood == 'bernoulli' else out
 
-# %% ../nbs/06_models.ipynb #02e5a2b5
+# %% ../nbs/06_models.ipynb #d1c2f61b
 class EquiVAEClassifier(nn.Module):
     "EquiVAE's q(y|x): conv embedding of x with stop_grad(f_inv(x)) -> dense (128, 64) with dropout -> class logits."
     def __init__(self, in_channels=1, image_size=28, n_classes=10, inv_dim=8, filters=(8, 16, 32, 64, 64), embed_dim=None,
