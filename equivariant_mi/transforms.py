@@ -5,11 +5,12 @@
 # %% auto #0
 __all__ = ['CORNERS', 'crl_tac_crops', 'GREY_WEIGHTS', 'check_images', 'uniform', 'as_float', 'like_input', 'matrix_to_t',
            't_to_matrix', 'apply_homography', 'invert_homography', 'homography_from_points', 'projective_matrix',
-           'pixel_centres', 'warp', 'projective_from_uniform', 'sample_projective', 'random_projective', 'CropGrid',
-           'resized_crop_boxes', 'resized_crop', 'grayscale', 'rgb_to_hsv', 'hsv_to_rgb', 'adjust_color',
-           'sample_color_jitter', 'color_jitter', 'sample_simclr', 'apply_simclr', 'simclr_augment']
+           'pixel_centres', 'homography_grid', 'warp', 'projective_from_uniform', 'sample_projective',
+           'random_projective', 'CropGrid', 'resized_crop_boxes', 'resized_crop', 'grayscale', 'rgb_to_hsv',
+           'hsv_to_rgb', 'adjust_color', 'sample_color_jitter', 'color_jitter', 'sample_simclr', 'apply_simclr',
+           'simclr_augment']
 
-# %% ../nbs/05_transforms.ipynb #20dd3e8e
+# %% ../nbs/05_transforms.ipynb #44f207bc
 import math
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# %% ../nbs/05_transforms.ipynb #3acf6183
+# %% ../nbs/05_transforms.ipynb #0d38e014
 def check_images(images, name='images'):
     "Raise a clear error unless `images` is a uint8 or floating-point tensor shaped [N,C,H,W]."
     if not isinstance(images, Tensor):
@@ -59,7 +60,7 @@ def like_input(out, images):
     if images.dtype == torch.uint8: return out.round_().clamp_(0, 255).to(torch.uint8)
     return out.to(images.dtype)
 
-# %% ../nbs/05_transforms.ipynb #ae0e2350
+# %% ../nbs/05_transforms.ipynb #28daf572
 def matrix_to_t(H):
     "The 8 normalised coefficients t of homographies H [...,3,3]: H / H[2,2], flattened, the final 1 dropped."
     return (H / H[..., 2:, 2:]).flatten(-2)[..., :8]
@@ -82,7 +83,7 @@ def invert_homography(H):
     det = (r0 * c0).sum(-1)[..., None, None]
     return torch.stack([c0, c1, c2], -1) / det
 
-# %% ../nbs/05_transforms.ipynb #3700dd09
+# %% ../nbs/05_transforms.ipynb #52407c18
 CORNERS = torch.tensor([[-1., -1.], [1., -1.], [1., 1.], [-1., 1.]])   # top-left, top-right, bottom-right, bottom-left
 
 def homography_from_points(src, dst):
@@ -97,8 +98,11 @@ def homography_from_points(src, dst):
     h = torch.linalg.solve_ex(A, b)[0].squeeze(-1)                              # solve_ex: no error check, no host sync
     return t_to_matrix(h)
 
-_COS = torch.tensor([1., 0., -1., 0.])    # cos and sin of k quarter turns, exact
-_SIN = torch.tensor([0., 1., 0., -1.])
+def _corners(n, device):
+    "CORNERS for n items on `device`, built there (no host-to-device copy, which would make the host wait for the GPU)."
+    k = torch.arange(4, device=device)
+    x, y = torch.where((k == 1) | (k == 2), 1.0, -1.0), torch.where(k >= 2, 1.0, -1.0)
+    return torch.stack([x, y], -1).expand(n, 4, 2)
 
 def projective_matrix(translate, scale, quarter_turns, corner_shift=None):
     "Homographies H [N,3,3], input -> output in normalised coordinates: k quarter turns anticlockwise (as torch.rot90), scale about the centre, shift by `translate` [N,2] (fractions of width, height), then move the corners by `corner_shift` [N,4,2] (fractions)."
@@ -111,22 +115,31 @@ def projective_matrix(translate, scale, quarter_turns, corner_shift=None):
     if scale.shape != (n,) or k.shape != (n,) or k.is_floating_point():
         raise ValueError(f"`scale` and `quarter_turns` (integers) must have shape [{n}], got {tuple(scale.shape)} and {tuple(k.shape)} {k.dtype}")
     k = k.long() % 4
-    c, s = _COS.to(dev)[k] * scale, _SIN.to(dev)[k] * scale
+    c = ((k == 0).float() - (k == 2).float()) * scale               # cos and sin of k quarter turns, exactly
+    s = ((k == 1).float() - (k == 3).float()) * scale
     zero, one = torch.zeros_like(c), torch.ones_like(c)
     H = torch.stack([c, s, 2 * translate[:, 0], -s, c, 2 * translate[:, 1], zero, zero, one], -1).view(n, 3, 3)
     if corner_shift is None: return H
     corner_shift = torch.as_tensor(corner_shift, dtype=H.dtype, device=dev)
     if corner_shift.shape != (n, 4, 2):
         raise ValueError(f"`corner_shift` must have shape [{n},4,2], got {tuple(corner_shift.shape)}")
-    src = CORNERS.to(dev).expand(n, 4, 2)
+    src = _corners(n, dev)
     return homography_from_points(src, apply_homography(H, src) + 2 * corner_shift)
 
-# %% ../nbs/05_transforms.ipynb #6bd0d2f6
+# %% ../nbs/05_transforms.ipynb #b68949ed
 def pixel_centres(height, width, device=None, dtype=torch.float32):
     "Normalised (x, y) of every pixel centre, [H,W,2]: x = (2j+1)/W - 1, y = (2i+1)/H - 1 (grid_sample, align_corners=False)."
     ys = (torch.arange(height, device=device, dtype=dtype) * 2 + 1) / height - 1
     xs = (torch.arange(width, device=device, dtype=dtype) * 2 + 1) / width - 1
     return torch.stack(torch.meshgrid(xs, ys, indexing='xy'), -1)
+
+def homography_grid(H, height, width):
+    "Sampling grid [N,H,W,2]: where every pixel centre goes under homographies H [N,3,3], as one matrix product for the whole batch."
+    n = H.shape[0]
+    q = pixel_centres(height, width, device=H.device, dtype=H.dtype).view(-1, 2)
+    base = torch.cat([q, torch.ones_like(q[:, :1])], 1)                     # (x, y, 1) of every pixel, [P,3]
+    p = (H.reshape(n * 3, 3) @ base.T).view(n, 3, -1)                        # [N,3,P]: one GEMM, not N tiny ones
+    return (p[:, :2] / p[:, 2:]).transpose(1, 2).reshape(n, height, width, 2)
 
 def warp(images, H, mode='bilinear', padding_mode='zeros', fill=0.0):
     "Warp images [N,C,H,W] by homographies H [N,3,3] (input -> output): out(q) = in(H^-1 q), one grid_sample; same dtype out (uint8 rounded), `fill` outside."
@@ -138,14 +151,13 @@ def warp(images, H, mode='bilinear', padding_mode='zeros', fill=0.0):
         raise ValueError(f"`H` must be a tensor of shape [{n},3,3] (one homography per image), got {getattr(H, 'shape', type(H))}")
     x = images.float() if images.dtype == torch.uint8 else images
     back = invert_homography(H.to(device=x.device, dtype=torch.float32))             # output -> input
-    q = pixel_centres(h, w, device=x.device).view(1, h * w, 2).expand(n, h * w, 2)
-    grid = apply_homography(back, q).view(n, h, w, 2).to(x.dtype)
+    grid = homography_grid(back, h, w).to(x.dtype)
     if fill: x = x - fill                                                             # zeros padding then reads `fill`
     out = F.grid_sample(x, grid, mode=mode, padding_mode=padding_mode, align_corners=False)
     if fill: out = out + fill
     return like_input(out, images)
 
-# %% ../nbs/05_transforms.ipynb #2b91d643
+# %% ../nbs/05_transforms.ipynb #b22ee64e
 def _check_family(max_translate, scale, quarter_turns, corner_jitter):
     max_translate = _number(max_translate, 'max_translate', 0.0, 1.0)
     lo, hi = _pair(scale, 'scale', low=1e-3)
@@ -162,7 +174,7 @@ def projective_from_uniform(u, max_translate=0.125, scale=(0.8, 1.2), quarter_tu
     translate = (2 * u[:, :2] - 1) * max_translate
     s = lo + (hi - lo) * u[:, 2]
     pick = (u[:, 3] * len(turns)).long().clamp_(max=len(turns) - 1)
-    k = torch.tensor(turns, device=u.device)[pick]
+    k = pick if turns == [0, 1, 2, 3] else sum((pick == i).long() * turn for i, turn in enumerate(turns))
     shift = (2 * u[:, 4:12].reshape(n, 4, 2) - 1) * corner_jitter if corner_jitter > 0 else None
     return projective_matrix(translate, s, k, shift)
 
@@ -180,7 +192,7 @@ def random_projective(images, max_translate=0.125, scale=(0.8, 1.2), quarter_tur
     H = sample_projective(images.shape[0], max_translate, scale, quarter_turns, corner_jitter, generator, images.device)
     return warp(images, H, mode, padding_mode, fill), matrix_to_t(H)
 
-# %% ../nbs/05_transforms.ipynb #b4d59ec5
+# %% ../nbs/05_transforms.ipynb #61aadeac
 @dataclass(frozen=True)
 class CropGrid:
     "Every `crop` x `crop` window of an `image` x `image` picture whose top-left corner lies on a `stride` lattice; crop k = i * per_side + j starts at pixel (stride i, stride j)."
@@ -271,7 +283,7 @@ class CropGrid:
 
 crl_tac_crops = CropGrid(84, 20, 4)
 
-# %% ../nbs/05_transforms.ipynb #1d8d838e
+# %% ../nbs/05_transforms.ipynb #bd6fe12c
 def resized_crop_boxes(n, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generator=None, device=None, attempts=10):
     "Boxes [n,4] = (top, left, h, w) in whole pixels, one per image, drawn as torchvision's RandomResizedCrop draws one (first of `attempts` that fits, else a centred crop)."
     lo, hi = _pair(scale, 'scale', low=0.0)
@@ -288,8 +300,9 @@ def resized_crop_boxes(n, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)
     in_ratio = width / height                                               # fallback: centred, aspect clamped into `ratio`
     fw = width if in_ratio <= r_hi else round(height * r_hi)
     fh = height if in_ratio >= r_lo else round(width / r_lo)
-    fallback = torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw], dtype=box.dtype, device=box.device)
-    return torch.where(fits.any(1, keepdim=True), box, fallback)
+    fallback = [(height - fh) // 2, (width - fw) // 2, fh, fw]
+    ok = fits.any(1)
+    return torch.stack([torch.where(ok, box[:, i], float(fallback[i])) for i in range(4)], -1)
 
 def resized_crop(images, boxes, size, flip=None, mode='bilinear'):
     "Crop boxes[n] = (top, left, h, w) of image n, resize to `size` (int or (h, w)), mirror where flip[n]: one affine grid_sample; float [0,1] out."
@@ -306,12 +319,13 @@ def resized_crop(images, boxes, size, flip=None, mode='bilinear'):
     grid = F.affine_grid(theta, [n, c, oh, ow], align_corners=False)
     return F.grid_sample(as_float(images).float(), grid, mode=mode, padding_mode='border', align_corners=False)
 
-# %% ../nbs/05_transforms.ipynb #35078809
+# %% ../nbs/05_transforms.ipynb #5b87bb51
 GREY_WEIGHTS = (0.2989, 0.587, 0.114)
 
 def grayscale(x):
     "Grey level of RGB images x [N,3,H,W] (ITU-R 601 weights, as torchvision): [N,1,H,W]."
-    return (x * x.new_tensor(GREY_WEIGHTS).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    wr, wg, wb = GREY_WEIGHTS
+    return (wr * x[:, 0:1] + wg * x[:, 1:2] + wb * x[:, 2:3])
 
 def rgb_to_hsv(x):
     "RGB [N,3,H,W] in [0,1] to HSV [N,3,H,W], hue in [0,1) (red 0, green 1/3, blue 2/3)."
@@ -327,7 +341,7 @@ def rgb_to_hsv(x):
 def hsv_to_rgb(x):
     "HSV [N,3,H,W] to RGB: channel n in (5, 3, 1) is v - v s clip(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6."
     h, s, v = x.unsqueeze(2).unbind(1)
-    k = (torch.tensor([5., 3., 1.], device=x.device, dtype=x.dtype).view(1, 3, 1, 1) + 6 * h) % 6
+    k = torch.cat([(n + 6 * h) % 6 for n in (5, 3, 1)], 1)
     return v - v * s * torch.minimum(k, 4 - k).clamp(0, 1)
 
 def _per_image(f): return f.view(-1, 1, 1, 1)
@@ -350,9 +364,10 @@ def sample_color_jitter(n, brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2
     for v, name in [(brightness, 'brightness'), (contrast, 'contrast'), (saturation, 'saturation')]: _number(v, name)
     hue, p = _number(hue, 'hue', 0.0, 0.5), _number(p, 'p', 0.0, 1.0)
     u = uniform((n, 9), generator, device)
-    lo = torch.tensor([max(0.0, 1 - brightness), max(0.0, 1 - contrast), max(0.0, 1 - saturation), -hue], device=u.device)
-    hi = torch.tensor([1 + brightness, 1 + contrast, 1 + saturation, hue], device=u.device)
-    factors = torch.where(u[:, 8:] < p, lo + (hi - lo) * u[:, :4], torch.tensor([1.0, 1.0, 1.0, 0.0], device=u.device))
+    ranges = [(max(0.0, 1 - a), 1 + a) for a in (brightness, contrast, saturation)] + [(-hue, hue)]
+    jitter = u[:, 8] < p
+    factors = torch.stack([torch.where(jitter, lo + (hi - lo) * u[:, i], 1.0 if i < 3 else 0.0)
+                           for i, (lo, hi) in enumerate(ranges)], -1)
     order = u[:, 4:8].argsort(1) if random_order else torch.arange(4, device=u.device).expand(n, 4)
     return factors, order
 
@@ -364,7 +379,7 @@ def color_jitter(images, factors, order):
         x = sum(torch.where(todo == op, adjust_color(x, op, factors[:, op]), 0) for op in range(4))
     return x
 
-# %% ../nbs/05_transforms.ipynb #1c601ba0
+# %% ../nbs/05_transforms.ipynb #a2745d31
 def sample_simclr(n, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_p=0.5, strength=1.0, jitter_p=0.8,
                   grey_p=0.2, generator=None, device=None):
     "Per-image SimCLR parameters: dict(box [n,4], flip [n], jitter [n,4], order [n,4], grey [n]); colour strength s gives jitter (0.8s, 0.8s, 0.8s, 0.2s)."
