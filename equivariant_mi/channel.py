@@ -78,28 +78,29 @@ def channel_objective(u: Tensor, log_w: Tensor | None = None, beta: float | Tens
     if normalize:
         u = F.normalize(u, dim=-1)
     flat = u.reshape(n * m, -1)
-    s = beta * (flat @ flat.T)                                    # the one score matrix b u.u'    [Nm, Nm]
+    s = beta * (flat @ flat.T)                                    # the one score matrix: s[a, b] = b u_a.u_b  [Nm, Nm]
     if s.dtype in (torch.float16, torch.bfloat16):
         s = s.float()                                             # logsumexp in fp32 under autocast
-    s = s.reshape(n, m, n, m)                                     # s[i, j, i', k]
     if log_w is None:
         log_w = torch.full((n, m), -math.log(m), dtype=s.dtype, device=s.device)
     else:
-        log_w = log_w.to(s.dtype).log_softmax(-1)                 # w_ij, rows sum to one
-    # numerator: anchor (i, j) against the other samples of its own image
-    s_own = torch.diagonal(s, dim1=0, dim2=2).permute(2, 0, 1)    # [N, m(j), m(k)]
+        log_w = log_w.to(s.dtype).log_softmax(-1)                 # log w_ij, each image's weights sum to one
+    # numerator: anchor (i, j) against the samples k of its own image = the diagonal blocks of s
+    s_own = s.reshape(n, m, n, m).diagonal(dim1=0, dim2=2).permute(2, 0, 1)   # [N, m(j), m(k)]
     lw_num = log_w[:, None, :].expand(n, m, m)
     if not include_same_t:
         lw_num = lw_num.masked_fill(torch.eye(m, dtype=torch.bool, device=s.device), -math.inf)
     lw_num = lw_num - lw_num.logsumexp(-1, keepdim=True)
     num = (lw_num.exp() * s_own).sum(-1) if jensen else (lw_num + s_own).logsumexp(-1)
-    # denominator: anchor (i, j) against every sample of every image, weight w_i'k / N
-    lw_den = (log_w - math.log(n)).reshape(1, 1, n * m).expand(n, m, n * m)
-    if not include_self:
-        self_pair = torch.eye(n * m, dtype=torch.bool, device=s.device).reshape(n, m, n * m)
-        lw_den = lw_den.masked_fill(self_pair, -math.inf)
-    lw_den = lw_den - lw_den.logsumexp(-1, keepdim=True)
-    den = (lw_den + s.reshape(n, m, n * m)).logsumexp(-1)
+    # denominator: anchor a = (i, j) against every code b = (i', k) of the batch, weight w_b / N
+    lw_den = log_w.reshape(n * m) - math.log(n)
+    logits = s + lw_den                                           # broadcast over anchors (rows)
+    if include_self:
+        log_mass = 0.0
+    else:                                                         # drop b = a; the rest carries mass 1 - w_a/N
+        logits = torch.diagonal_scatter(logits, torch.full((n * m,), -math.inf, dtype=s.dtype, device=s.device))
+        log_mass = torch.log1p(-lw_den.exp())
+    den = (logits.logsumexp(-1) - log_mass).reshape(n, m)
     return (log_w.exp() * (num - den)).sum() / n
 
 
