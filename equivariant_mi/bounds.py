@@ -6,12 +6,12 @@
 __all__ = ['ba_bound', 'gaussian_log_prob', 'gaussian_entropy', 'dv_bound', 'mine_objective', 'nwj_bound', 'jsd_bound',
            'infonce_bound']
 
-# %% ../nbs/00_bounds.ipynb #1bd19261
+# %% ../nbs/00_bounds.ipynb #c003
 import math
 import torch
 import torch.nn.functional as F
 
-# %% ../nbs/00_bounds.ipynb #2104baa5
+# %% ../nbs/00_bounds.ipynb #c006
 def _as_pairs(scores, name='scores'):
     "Check `scores` is [B, B] or [B, B, M] with B >= 2 and return it as a float [B, B, M] view (M = 1 for a matrix)."
     if not isinstance(scores, torch.Tensor):
@@ -49,8 +49,11 @@ def _neg_mean(values, exclude_positives):
         return torch.where(_positive_mask(values), 0.0, values).sum() / (B * (B - 1) * M)
     return values.mean()
 
-# %% ../nbs/00_bounds.ipynb #e76b19f8
-def ba_bound(log_q_y_given_x, entropy_y):
+# %% ../nbs/00_bounds.ipynb #c012
+def ba_bound(
+    log_q_y_given_x:torch.Tensor, # [B]: log q(y_i | x_i) of each matched pair, summed over the dimensions of y
+    entropy_y, # H(Y) in nats, known or estimated (float or scalar tensor)
+) -> torch.Tensor: # scalar estimate in nats; the training loss is its negative
     "Barber-Agakov: I(X;Y) >= H(Y) + E[log q(y|x)], from log q(y_i|x_i) [B] and a known or estimated H(Y), in nats."
     if not isinstance(log_q_y_given_x, torch.Tensor) or log_q_y_given_x.dim() != 1:
         raise ValueError("`log_q_y_given_x` must be a 1-d tensor [B] of log q(y_i|x_i) (sum over the dimensions of y "
@@ -68,14 +71,22 @@ def gaussian_entropy(log_var):
     "Differential entropy of N(., diag(exp(log_var))) in nats: 0.5 * sum over the last axis of (log(2 pi e) + log_var)."
     return 0.5 * (log_var + math.log(2 * math.pi * math.e)).sum(-1)
 
-# %% ../nbs/00_bounds.ipynb #8e197f53
-def dv_bound(scores, exclude_positives=True):
+# %% ../nbs/00_bounds.ipynb #c016
+def dv_bound(
+    scores:torch.Tensor, # [B, B] or [B, B, M]: scores[i, j(, m)] = T(x_i, y_j (at location m)), positives where i == j
+    exclude_positives:bool=True, # negatives = pairs with j != i (DIM); False: all B*B*M pairs
+) -> torch.Tensor: # scalar estimate in nats; the training loss is its negative
     "Donsker-Varadhan (MINE): I >= mean_i T(x_i,y_i) - log mean_{j != i} e^{T(x_i,y_j)} over scores [B,B] or [B,B,M]."
     s = _as_pairs(scores)
     return _positives(s).mean() - _neg_logmeanexp(s, exclude_positives)
 
-# %% ../nbs/00_bounds.ipynb #c46140c4
-def mine_objective(scores, log_ema=None, rate=0.01, exclude_positives=True):
+# %% ../nbs/00_bounds.ipynb #c020
+def mine_objective(
+    scores:torch.Tensor, # [B, B] or [B, B, M]: scores[i, j(, m)] = T(x_i, y_j (at location m)), positives where i == j
+    log_ema:torch.Tensor|None=None, # log of the moving average of E_M[e^T] from the previous step; None on the first
+    rate:float=0.01, # weight of the current batch in the moving average (1: no averaging, plain DV)
+    exclude_positives:bool=True, # negatives = pairs with j != i (DIM); False: all B*B*M pairs
+): # (objective, new_log_ema): maximise the objective, carry new_log_ema to the next step
     "MINE: value = DV estimate, gradient = grad mean T_J - grad Z_hat / Z_ema with Z_ema a moving average of E_M[e^T]; returns (objective, new log_ema)."
     if not 0 < rate <= 1: raise ValueError(f"`rate` must be in (0, 1], got {rate!r}")
     s = _as_pairs(scores)
@@ -85,21 +96,30 @@ def mine_objective(scores, log_ema=None, rate=0.01, exclude_positives=True):
     ratio = torch.exp(log_z - new_log_ema)         # Z_hat / Z_ema: its gradient is grad Z_hat / Z_ema
     return _positives(s).mean() - log_z.detach() - (ratio - ratio.detach()), new_log_ema
 
-# %% ../nbs/00_bounds.ipynb #5f422a6e
-def nwj_bound(scores, exclude_positives=True, max_score=50.0):
+# %% ../nbs/00_bounds.ipynb #c024
+def nwj_bound(
+    scores:torch.Tensor, # [B, B] or [B, B, M]: scores[i, j(, m)] = T(x_i, y_j (at location m)), positives where i == j
+    exclude_positives:bool=True, # negatives = pairs with j != i (DIM); False: all B*B*M pairs
+    max_score:float|None=50.0, # soft cap c: T -> c - softplus(c - T) keeps e^T finite; None: no cap
+) -> torch.Tensor: # scalar estimate in nats; the training loss is its negative
     "NWJ: I >= mean_i T(x_i,y_i) - e^{-1} mean_{j != i} e^{T(x_i,y_j)}; T soft-capped at `max_score` so e^T stays finite."
     s = _as_pairs(scores)
     if max_score is not None: s = max_score - F.softplus(max_score - s)  # smooth min(T, max_score): still a critic
     return _positives(s).mean() - torch.exp(_neg_logmeanexp(s, exclude_positives) - 1)
 
-# %% ../nbs/00_bounds.ipynb #85799b9a
-def jsd_bound(scores, exclude_positives=True):
+# %% ../nbs/00_bounds.ipynb #c028
+def jsd_bound(
+    scores:torch.Tensor, # [B, B] or [B, B, M]: scores[i, j(, m)] = T(x_i, y_j (at location m)), positives where i == j
+    exclude_positives:bool=True, # negatives = pairs with j != i (DIM); False: all B*B*M pairs
+) -> torch.Tensor: # scalar in [-2 log 2, 0]; the training loss is its negative
     "Jensen-Shannon (DIM eq. 4): mean_i -softplus(-T(x_i,y_i)) - mean_{j != i} softplus(T(x_i,y_j)) <= 2 JSD(J||M) - 2 log 2."
     s = _as_pairs(scores)
     return -F.softplus(-_positives(s)).mean() - _neg_mean(F.softplus(s), exclude_positives)
 
-# %% ../nbs/00_bounds.ipynb #43b5dddc
-def infonce_bound(scores):
+# %% ../nbs/00_bounds.ipynb #c032
+def infonce_bound(
+    scores:torch.Tensor, # [B, B] or [B, B, M]: scores[i, j(, m)] = T(x_i, y_j (at location m)), positives where i == j
+) -> torch.Tensor: # scalar estimate in nats, at most log(1 + (B-1)M); the loss is its negative
     "InfoNCE: mean_{i,m}[s_iim - log(e^{s_iim} + sum_{j != i, m'} e^{s_ijm'})] + log(1 + (B-1)M) <= log(1 + (B-1)M); [B,B]: M = 1."
     s = _as_pairs(scores)
     B, _, M = s.shape

@@ -5,13 +5,13 @@
 # %% auto #0
 __all__ = ['mlp', 'SeparableCritic', 'ConcatCritic', 'BilinearCritic', 'ConcatConvCritic', 'ShortcutEmbedding', 'EncodeDotCritic']
 
-# %% ../nbs/01_critics.ipynb #74c7c88a
+# %% ../nbs/01_critics.ipynb #c003
 import numbers
 import torch
 from torch import nn
 import torch.nn.functional as F
 
-# %% ../nbs/01_critics.ipynb #4d9c1365
+# %% ../nbs/01_critics.ipynb #c006
 _NORMS = {'batch': nn.BatchNorm1d, 'layer': nn.LayerNorm}
 
 
@@ -34,7 +34,7 @@ def mlp(dims, activation=nn.ReLU, final_activation=None, dropout=0.0, norm=None)
     if final_activation is not None: layers.append(final_activation())
     return nn.Sequential(*layers)
 
-# %% ../nbs/01_critics.ipynb #e18fe9ac
+# %% ../nbs/01_critics.ipynb #c011
 def _check_features(t, name, dim):
     "Raise a clear error unless `t` is a float tensor of shape [B, dim]."
     if not isinstance(t, torch.Tensor):
@@ -56,7 +56,7 @@ def _check_positive_ints(**kw):
         if not (isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0):
             raise ValueError(f"`{k}` must be a positive int, got {v!r}")
 
-# %% ../nbs/01_critics.ipynb #6ba31bee
+# %% ../nbs/01_critics.ipynb #c013
 class SeparableCritic(nn.Module):
     "Separable critic: scores[i, j] = g(x_i) . h(y_j), with g and h MLPs ([dim] + [hidden]*layers + [embed_dim])."
     def __init__(self, x_dim, y_dim, hidden=256, layers=2, embed_dim=32, activation=nn.ReLU):
@@ -71,7 +71,7 @@ class SeparableCritic(nn.Module):
         _check_features(x, 'x', self.x_dim); _check_features(y, 'y', self.y_dim)
         return self.g(x) @ self.h(y).transpose(-1, -2)
 
-# %% ../nbs/01_critics.ipynb #2b04f406
+# %% ../nbs/01_critics.ipynb #c017
 class ConcatCritic(nn.Module):
     "Concatenated critic: scores[i, j] = MLP([x_i; y_j]), the first layer split as W_x x_i + W_y y_j + b and broadcast over all pairs."
     def __init__(self, x_dim, y_dim, hidden=256, layers=2, activation=nn.ReLU):
@@ -96,7 +96,7 @@ class ConcatCritic(nn.Module):
         _check_features(x, 'x', self.x_dim); _check_features(y, 'y', self.y_dim)
         return self.rest(self.act(self.first(torch.cat([x, y], dim=-1)))).squeeze(-1)
 
-# %% ../nbs/01_critics.ipynb #f98ecf4a
+# %% ../nbs/01_critics.ipynb #c021
 class BilinearCritic(nn.Module):
     "Bilinear critic: scores[i, j] = x_i^T W y_j with one learned [x_dim, y_dim] matrix W."
     def __init__(self, x_dim, y_dim):
@@ -111,7 +111,7 @@ class BilinearCritic(nn.Module):
         _check_features(x, 'x', self.x_dim); _check_features(y, 'y', self.y_dim)
         return x @ self.weight @ y.transpose(-1, -2)
 
-# %% ../nbs/01_critics.ipynb #21c5ebe5
+# %% ../nbs/01_critics.ipynb #c032
 def _flatten_locations(local_map):
     "[B, C, H, W] -> [B, H*W, C], locations in row-major order m = h*W + w."
     return local_map.flatten(2).transpose(1, 2)
@@ -136,7 +136,7 @@ class ConcatConvCritic(nn.Module):
         h = self.act(a[:, None, None, :] + c[None, :, :, :])     # [B, B', M, H]
         return self.rest(h).squeeze(-1)
 
-# %% ../nbs/01_critics.ipynb #fe5daa2c
+# %% ../nbs/01_critics.ipynb #c036
 class ShortcutEmbedding(nn.Module):
     "Embedding v -> [LN](W2 relu(W1 v) + Ws v) on the last axis: one hidden layer plus a linear shortcut (DIM Tables 8-9)."
     def __init__(self, in_dim, out_dim, layer_norm=False, activation=nn.ReLU):
