@@ -6,7 +6,7 @@
 __all__ = ['bench_images', 'PILPerspective', 'time_steps', 'gpu_pipeline', 'time_loader', 'bench_pipeline', 'format_table',
            'main']
 
-# %% ../nbs/05b_bench.ipynb #e0ab1812
+# %% ../nbs/05b_bench.ipynb #9b2f6514
 import argparse, json, os, platform, random, sys, time, warnings
 
 import numpy as np
@@ -17,7 +17,7 @@ from torchvision.transforms import InterpolationMode
 
 from .transforms import projective_from_uniform, warp, matrix_to_t, uniform
 
-# %% ../nbs/05b_bench.ipynb #835c386c
+# %% ../nbs/05b_bench.ipynb #a87447cb
 def bench_images(data='auto'):
     "uint8 images [N,C,H,W] on the CPU and a line saying what they are: 'mnist' real MNIST train, 'random' CIFAR-size noise, 'auto' MNIST if it loads."
     if data not in ('auto', 'mnist', 'random'): raise ValueError(f"`data` must be one of ['auto', 'mnist', 'random'], got {data!r}")
@@ -33,7 +33,7 @@ def bench_images(data='auto'):
     x = torch.randint(0, 256, (10_000, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     return x, f'RANDOM uint8 pixels, 10000 x (3, 32, 32) (CIFAR size; fine for throughput, the pixels mean nothing{why})'
 
-# %% ../nbs/05b_bench.ipynb #82cca638
+# %% ../nbs/05b_bench.ipynb #b09da9b6
 class PILPerspective(Dataset):
     "Reference pipeline, one image per call as AVT's loader: PIL image, random corners, torchvision's PIL perspective warp; returns (uint8 [C,H,W], t [8])."
     def __init__(self, images, max_translate=0.125, scale=(0.8, 1.2), quarter_turns=(0, 1, 2, 3), corner_jitter=0.0, length=10 ** 7):
@@ -60,7 +60,7 @@ class PILPerspective(Dataset):
         else: t = [c, sn, 2 * tx, -sn, c, 2 * ty, 0.0, 0.0]
         return TF.pil_to_tensor(out), torch.tensor(t, dtype=torch.float32)
 
-# %% ../nbs/05b_bench.ipynb #061802bc
+# %% ../nbs/05b_bench.ipynb #f7b17bb1
 def _sync(device):
     if device.type == 'cuda': torch.cuda.synchronize(device)
 
@@ -115,7 +115,7 @@ def time_loader(images, workers, batch, device, seconds=1.0, family=None):
     del it                                                          # shuts the workers down
     return spent / count, first
 
-# %% ../nbs/05b_bench.ipynb #f81a7fab
+# %% ../nbs/05b_bench.ipynb #f7a17f04
 def bench_pipeline(device=None, batches=(512, 4096), workers=(0, 2, 4, 16), loader_batch=None, data='auto',
                    seconds=None, quick=False, corner_jitter=0.0, compile=False, compile_modes=('default', 'reduce-overhead'),
                    seed=0, log=None):
@@ -159,7 +159,7 @@ def format_table(header, rows):
         lines.append(f"{r['pipeline']:<34}{r['batch']:>7}{wk:>9}{r['images_per_s']:>14,.0f}{r['ms_per_batch']:>11.2f}{r['warmup_s']:>11.2f}")
     return '\n'.join(lines)
 
-# %% ../nbs/05b_bench.ipynb #efd2a00f
+# %% ../nbs/05b_bench.ipynb #bfff2b57
 def _positive(s):
     v = int(s)
     if v < 1: raise argparse.ArgumentTypeError(f'must be a positive integer, got {s}')
@@ -185,9 +185,12 @@ def main(argv=None):
     q.add_argument('--corner-jitter', type=float, default=0.0, help="AVT's corner jitter (0.125 in its code)")
     q.add_argument('--compile', action='store_true', help='add torch.compile rows for the device pipeline')
     q.add_argument('--compile-modes', nargs='+', default=['default', 'reduce-overhead'], help='torch.compile modes to try')
+    q.add_argument('--threads', type=_positive, default=None,
+                   help='torch CPU threads of the main process (1 can be faster on a CPU shared with other work)')
     q.add_argument('--seed', type=int, default=0)
     q.add_argument('--json', default=None, help='also write the header and rows to this JSON file')
     a = p.parse_args(argv)
+    if a.threads: torch.set_num_threads(a.threads)
     header, rows = bench_pipeline(a.device, a.batches, a.workers, a.loader_batch, a.data, a.seconds, a.quick, a.corner_jitter,
                                   a.compile, a.compile_modes, a.seed, log=lambda s: print(s, file=sys.stderr, flush=True))
     print(format_table(header, rows), flush=True)
