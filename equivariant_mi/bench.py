@@ -6,7 +6,7 @@
 __all__ = ['bench_images', 'PILPerspective', 'time_steps', 'gpu_pipeline', 'time_loader', 'bench_pipeline', 'format_table',
            'main']
 
-# %% ../nbs/05b_bench.ipynb #9b2f6514
+# %% ../nbs/05b_bench.ipynb #120a81d8
 import argparse, json, os, platform, random, sys, time, warnings
 
 import numpy as np
@@ -17,7 +17,7 @@ from torchvision.transforms import InterpolationMode
 
 from .transforms import projective_from_uniform, warp, matrix_to_t, uniform
 
-# %% ../nbs/05b_bench.ipynb #a87447cb
+# %% ../nbs/05b_bench.ipynb #0a7d8853
 def bench_images(data='auto'):
     "uint8 images [N,C,H,W] on the CPU and a line saying what they are: 'mnist' real MNIST train, 'random' CIFAR-size noise, 'auto' MNIST if it loads."
     if data not in ('auto', 'mnist', 'random'): raise ValueError(f"`data` must be one of ['auto', 'mnist', 'random'], got {data!r}")
@@ -33,7 +33,7 @@ def bench_images(data='auto'):
     x = torch.randint(0, 256, (10_000, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     return x, f'RANDOM uint8 pixels, 10000 x (3, 32, 32) (CIFAR size; fine for throughput, the pixels mean nothing{why})'
 
-# %% ../nbs/05b_bench.ipynb #b09da9b6
+# %% ../nbs/05b_bench.ipynb #40cdaa32
 class PILPerspective(Dataset):
     "Reference pipeline, one image per call as AVT's loader: PIL image, random corners, torchvision's PIL perspective warp; returns (uint8 [C,H,W], t [8])."
     def __init__(self, images, max_translate=0.125, scale=(0.8, 1.2), quarter_turns=(0, 1, 2, 3), corner_jitter=0.0, length=10 ** 7):
@@ -60,7 +60,7 @@ class PILPerspective(Dataset):
         else: t = [c, sn, 2 * tx, -sn, c, 2 * ty, 0.0, 0.0]
         return TF.pil_to_tensor(out), torch.tensor(t, dtype=torch.float32)
 
-# %% ../nbs/05b_bench.ipynb #f7b17bb1
+# %% ../nbs/05b_bench.ipynb #623092da
 def _sync(device):
     if device.type == 'cuda': torch.cuda.synchronize(device)
 
@@ -108,14 +108,14 @@ def time_loader(images, workers, batch, device, seconds=1.0, family=None):
     for _ in range(max(1, workers)): fetch()                        # every worker has delivered a batch
     _sync(device)
     first, count, t0 = time.perf_counter() - t0, 0, time.perf_counter()
-    while count == 0 or time.perf_counter() - t0 < seconds:
-        fetch(); count += 1
+    while count < max(1, 2 * workers) or time.perf_counter() - t0 < seconds:   # workers deliver in bursts of
+        fetch(); count += 1                                                       # `workers` batches: span two
     _sync(device)
     spent = time.perf_counter() - t0
     del it                                                          # shuts the workers down
     return spent / count, first
 
-# %% ../nbs/05b_bench.ipynb #f7a17f04
+# %% ../nbs/05b_bench.ipynb #565dbe51
 def bench_pipeline(device=None, batches=(512, 4096), workers=(0, 2, 4, 16), loader_batch=None, data='auto',
                    seconds=None, quick=False, corner_jitter=0.0, compile=False, compile_modes=('default', 'reduce-overhead'),
                    seed=0, log=None):
@@ -159,7 +159,7 @@ def format_table(header, rows):
         lines.append(f"{r['pipeline']:<34}{r['batch']:>7}{wk:>9}{r['images_per_s']:>14,.0f}{r['ms_per_batch']:>11.2f}{r['warmup_s']:>11.2f}")
     return '\n'.join(lines)
 
-# %% ../nbs/05b_bench.ipynb #bfff2b57
+# %% ../nbs/05b_bench.ipynb #b14b751e
 def _positive(s):
     v = int(s)
     if v < 1: raise argparse.ArgumentTypeError(f'must be a positive integer, got {s}')
