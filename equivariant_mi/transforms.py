@@ -10,7 +10,7 @@ __all__ = ['CORNERS', 'crl_tac_crops', 'GREY_WEIGHTS', 'check_images', 'uniform'
            'hsv_to_rgb', 'adjust_color', 'sample_color_jitter', 'color_jitter', 'sample_simclr', 'apply_simclr',
            'simclr_augment']
 
-# %% ../nbs/05_transforms.ipynb #f8cea9af
+# %% ../nbs/05_transforms.ipynb #7e30c341
 import math
 from dataclasses import dataclass
 
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# %% ../nbs/05_transforms.ipynb #97d1b499
+# %% ../nbs/05_transforms.ipynb #0dbdc18e
 def check_images(images, name='images'):
     "Raise a clear error unless `images` is a uint8 or floating-point tensor shaped [N,C,H,W]."
     if not isinstance(images, Tensor):
@@ -60,7 +60,7 @@ def like_input(out, images):
     if images.dtype == torch.uint8: return out.round_().clamp_(0, 255).to(torch.uint8)
     return out.to(images.dtype)
 
-# %% ../nbs/05_transforms.ipynb #9119e3c3
+# %% ../nbs/05_transforms.ipynb #0490a634
 def matrix_to_t(H):
     "The 8 normalised coefficients t of homographies H [...,3,3]: H / H[2,2], flattened, the final 1 dropped."
     return (H / H[..., 2:, 2:]).flatten(-2)[..., :8]
@@ -83,7 +83,7 @@ def invert_homography(H):
     det = (r0 * c0).sum(-1)[..., None, None]
     return torch.stack([c0, c1, c2], -1) / det
 
-# %% ../nbs/05_transforms.ipynb #2fc118c6
+# %% ../nbs/05_transforms.ipynb #c3c5760f
 CORNERS = torch.tensor([[-1., -1.], [1., -1.], [1., 1.], [-1., 1.]])   # top-left, top-right, bottom-right, bottom-left
 
 def homography_from_points(src, dst):
@@ -126,7 +126,7 @@ def projective_matrix(translate, scale, quarter_turns, corner_shift=None):
     src = _corners(n, dev)
     return homography_from_points(src, apply_homography(H, src) + 2 * corner_shift)
 
-# %% ../nbs/05_transforms.ipynb #517a4f3b
+# %% ../nbs/05_transforms.ipynb #dc9fa8b5
 def pixel_centres(height, width, device=None, dtype=torch.float32):
     "Normalised (x, y) of every pixel centre, [H,W,2]: x = (2j+1)/W - 1, y = (2i+1)/H - 1 (grid_sample, align_corners=False)."
     ys = (torch.arange(height, device=device, dtype=dtype) * 2 + 1) / height - 1
@@ -157,7 +157,7 @@ def warp(images, H, mode='bilinear', padding_mode='zeros', fill=0.0):
     if fill: out = out + fill
     return like_input(out, images)
 
-# %% ../nbs/05_transforms.ipynb #7777d97f
+# %% ../nbs/05_transforms.ipynb #453f16a2
 def _check_family(max_translate, scale, quarter_turns, corner_jitter):
     max_translate = _number(max_translate, 'max_translate', 0.0, 1.0)
     lo, hi = _pair(scale, 'scale', low=1e-3)
@@ -170,6 +170,8 @@ def _check_family(max_translate, scale, quarter_turns, corner_jitter):
 def projective_from_uniform(u, max_translate=0.125, scale=(0.8, 1.2), quarter_turns=(0, 1, 2, 3), corner_jitter=0.0):
     "Homographies [n,3,3] from uniform numbers u [n,12] (2 shift, 1 scale, 1 turn, 8 corner shifts): the deterministic half of the sampler."
     max_translate, (lo, hi), turns, corner_jitter = _check_family(max_translate, scale, quarter_turns, corner_jitter)
+    if not isinstance(u, Tensor) or u.ndim != 2 or u.shape[1] != 12:
+        raise ValueError(f"`u` must be a tensor [n,12] of U[0,1) numbers, got {getattr(u, 'shape', type(u))}")
     n = u.shape[0]
     translate = (2 * u[:, :2] - 1) * max_translate
     s = lo + (hi - lo) * u[:, 2]
@@ -192,7 +194,7 @@ def random_projective(images, max_translate=0.125, scale=(0.8, 1.2), quarter_tur
     H = sample_projective(images.shape[0], max_translate, scale, quarter_turns, corner_jitter, generator, images.device)
     return warp(images, H, mode, padding_mode, fill), matrix_to_t(H)
 
-# %% ../nbs/05_transforms.ipynb #d1b0637f
+# %% ../nbs/05_transforms.ipynb #56335ad2
 @dataclass(frozen=True)
 class CropGrid:
     "Every `crop` x `crop` window of an `image` x `image` picture whose top-left corner lies on a `stride` lattice; crop k = i * per_side + j starts at pixel (stride i, stride j)."
@@ -283,7 +285,7 @@ class CropGrid:
 
 crl_tac_crops = CropGrid(84, 20, 4)
 
-# %% ../nbs/05_transforms.ipynb #225633b7
+# %% ../nbs/05_transforms.ipynb #9c5c9e01
 def resized_crop_boxes(n, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generator=None, device=None, attempts=10):
     "Boxes [n,4] = (top, left, h, w) in whole pixels, one per image, drawn as torchvision's RandomResizedCrop draws one (first of `attempts` that fits, else a centred crop)."
     lo, hi = _pair(scale, 'scale', low=0.0)
@@ -319,7 +321,7 @@ def resized_crop(images, boxes, size, flip=None, mode='bilinear'):
     grid = F.affine_grid(theta, [n, c, oh, ow], align_corners=False)
     return F.grid_sample(as_float(images).float(), grid, mode=mode, padding_mode='border', align_corners=False)
 
-# %% ../nbs/05_transforms.ipynb #9211aa2e
+# %% ../nbs/05_transforms.ipynb #d57b2dda
 GREY_WEIGHTS = (0.2989, 0.587, 0.114)
 
 def grayscale(x):
@@ -379,7 +381,7 @@ def color_jitter(images, factors, order):
         x = sum(torch.where(todo == op, adjust_color(x, op, factors[:, op]), 0) for op in range(4))
     return x
 
-# %% ../nbs/05_transforms.ipynb #4a2ff8bd
+# %% ../nbs/05_transforms.ipynb #7c5a7dc7
 def sample_simclr(n, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_p=0.5, strength=1.0, jitter_p=0.8,
                   grey_p=0.2, generator=None, device=None):
     "Per-image SimCLR parameters: dict(box [n,4], flip [n], jitter [n,4], order [n,4], grey [n]); colour strength s gives jitter (0.8s, 0.8s, 0.8s, 0.2s)."
