@@ -227,3 +227,48 @@ def test_frozen_module_is_left_out_and_stays_in_eval_mode(tmp_path):
     res = fit(m, images(), epochs=2, device='cpu', progress=False)
     assert all(torch.equal(a, b) for a, b in zip(before, m.teacher.parameters()))
     assert len(res.optimizers['main'].param_groups[0]['params']) == 2
+
+
+# ---- on a GPU (skipped on CPU-only machines): the mixed-precision paths --------------------------------------------
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+
+
+@cuda
+@pytest.mark.parametrize('precision', ['auto', 'bf16', 'fp16', 'fp32'])
+def test_cuda_precisions_channels_last_and_checkpoint(precision, tmp_path):
+    torch.manual_seed(0)
+    m = ToyInfoNCE()
+    before = m.encoder[0].weight.detach().clone()
+    res = fit(m, images(1024), epochs=3, batch_size=128, out=tmp_path, device='cuda', precision=precision,
+              progress=False, log_every=4, checkpoint_every=10)
+    assert all(math.isfinite(v) for r in res.history for v in r.values()), res.history
+    assert not torch.equal(before, m.encoder[0].weight.detach().cpu()), 'the optimiser must have stepped'
+    conv = res.method.encoder[0].weight
+    assert conv.is_cuda and conv.is_contiguous(memory_format=torch.channels_last)
+    info = json.loads((tmp_path / 'config.json').read_text())['fit']
+    expected = {'bf16': 'bfloat16', 'fp16': 'float16', 'fp32': 'float32'}.get(precision)
+    if expected: assert info['precision'] == expected
+    assert info['grad_scaler'] == (info['precision'] == 'float16')
+    ck = torch.load(tmp_path / 'checkpoint.pt', weights_only=True)
+    if info['grad_scaler']: assert ck['scalers']['main']['scale'] > 0
+    back = load_run(tmp_path, device='cuda')
+    assert torch.isfinite(back.encode(images(8).images.cuda())).all()
+
+
+@cuda
+def test_cuda_resume_after_crash_matches(tmp_path):
+    kw = {**KW, 'device': 'cuda'}
+    data = images()
+    straight = fit(build('toy', 0), data, out=tmp_path / 'a', **kw)
+    m = build('toy', 0); m.crash_at = 7
+    with pytest.raises(Crash): fit(m, data, out=tmp_path / 'b', **kw)
+    resumed = fit(build('toy', 9), data, out=tmp_path / 'b', resume=True, **kw)
+    for (k, a), b in zip(straight.method.state_dict().items(), resumed.method.state_dict().values()):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-5), k        # cuDNN kernels need not be bitwise deterministic
+
+
+@cuda
+def test_cuda_compile(tmp_path):
+    torch.manual_seed(0)
+    res = fit(ToyInfoNCE(), images(1024), epochs=2, batch_size=128, device='cuda', compile=True, progress=False, log_every=4)
+    assert res.step == 16 and all(math.isfinite(r['loss']) for r in res.history)
