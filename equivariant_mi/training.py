@@ -431,7 +431,9 @@ def fit(method: Method, data, epochs: int | None = None, out=None, *, batch_size
 
     rank, world, local_rank, created_group = dist_context()
     device = resolve_device(device, local_rank)
-    if device.type == 'cuda': torch.cuda.set_device(device)
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True          # fixed batch shapes: let cuDNN pick its fastest kernels once
     amp_dtype, use_scaler = amp_settings(device, precision)
     out = Path(out) if out is not None else None
     ckpt_path = out / 'checkpoint.pt' if out is not None else None

@@ -152,6 +152,17 @@ def test_eval_unregistered_method(capsys, run_dir, tmp_path):
     fails(capsys, ['eval', other], 'argument DIR', "'gone' is not registered")
 
 
+def test_eval_stochastic_samples_and_no_pixels(capsys, run_dir):
+    argv = ['eval', run_dir, '--probe', 'knn,centroid', '--labels', '100,50', '--seeds', '2', '--samples', '2',
+            '--test-subset', '200', '--no-pixels', '--device', 'cpu']
+    assert cli.main([str(a) for a in argv]) == 0
+    ev = json.loads((run_dir / 'eval.json').read_text())
+    assert set(ev['layers']) == {'f', 'h'} and ev['samples'] == 2 and ev['seeds'] == [0, 1]
+    r = ev['layers']['f']
+    assert r['test_draws'] == 2 and r['probes']['knn']['100']['accuracy']['n'] == 4      # 2 seeds x 2 test draws
+    assert 'knn@100' in capsys.readouterr().out
+
+
 def test_list(capsys):
     assert cli.main(['list']) == 0
     out = capsys.readouterr().out
