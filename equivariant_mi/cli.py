@@ -73,13 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest='command', required=True, parser_class=_Parser)
     t = sub.add_parser('train', help='train a method with fit (checkpoints, resume, metrics)')
     t.add_argument('method', metavar='METHOD', help='a registered method (see `emi list`)')
-    t.add_argument('--preset', default='default', help="a preset of the method (default: 'default')")
-    t.add_argument('--dataset', default='mnist', help="a data set name (default: mnist)")
-    t.add_argument('--split', default='train', help="the split to train on (default: train)")
+    t.add_argument('--preset', default=None, help="a preset of the method (default: 'default')")
+    t.add_argument('--dataset', default=None, help="a data set name (default: mnist)")
+    t.add_argument('--split', default=None, help="the split to train on (default: train)")
     t.add_argument('--data-root', default=None, help='where the data sets live (default: data_root())')
     t.add_argument('--epochs', type=_positive_int, default=None, help="epochs (default: the method config's)")
     t.add_argument('--batch-size', type=_positive_int, default=None, help="per-process batch size (default: the config's)")
-    t.add_argument('--seed', type=_int, default=0)
+    t.add_argument('--seed', type=_int, default=None, help='seed of the run (default: 0)')
     t.add_argument('--subset', type=_positive_int, default=None, help='train on a fixed random subset of N items')
     t.add_argument('--max-steps', type=_positive_int, default=None, help='stop (with a checkpoint) after N steps')
     t.add_argument('--set', type=_setting, action='append', default=[], metavar='KEY=VALUE', dest='settings',
@@ -133,6 +133,21 @@ def _subset_indices(n_items, n, seed):
     return torch.randperm(n_items, generator=g)[:n].sort().values
 
 
+def _check_same_as_run(args, prev, out):
+    "A resumed run keeps the settings it was started with: an option given now must agree with them."
+    given = {'--preset': (args.preset, prev.get('preset')), '--seed': (args.seed, prev['fit']['seed']),
+             '--split': (args.split, prev.get('split')), '--subset': (args.subset, prev['meta'].get('subset')),
+             '--batch-size': (args.batch_size, prev['config'].get('batch_size'))}
+    if args.dataset is not None:
+        try: given['--dataset'] = (D.canonical_name(args.dataset), prev['dataset'])
+        except (ValueError, TypeError): given['--dataset'] = (args.dataset, prev['dataset'])
+    given.update({f'--set {k}': (v, prev['config'].get(k)) for k, v in args.settings})
+    for arg, (now, then) in given.items():
+        if now is not None and now != then:
+            _fail(arg.split()[0], f"the run in {out} was started with {arg.split()[-1].lstrip('-')}={then!r}, not {now!r}; "
+                                  f"a resumed run keeps its settings (drop the option, or choose another --out)")
+
+
 def _train_plan(args):
     "Validate the train arguments; return (method, data, fit keyword arguments, out)."
     out = Path(args.out) if args.out else None
@@ -141,9 +156,11 @@ def _train_plan(args):
         prev = T.read_run_info(out)
         if prev['method'] != args.method:
             _fail('METHOD', f"the run in {out} trained {prev['method']!r}, not {args.method!r}; resume it with that name")
+        _check_same_as_run(args, prev, out)
     try: cls = T.get_method(args.method)
     except ValueError: _fail('METHOD', f"unknown method {args.method!r}; choose from {sorted(T.METHODS)}")
     presets = cls.all_presets()
+    if args.preset is None: args.preset = 'default'
     if args.preset not in presets: _fail('--preset', f"method {cls.name!r} has presets {sorted(presets)}, got {args.preset!r}")
     if args.precision not in T.PRECISIONS: _fail('--precision', f"must be one of {list(T.PRECISIONS)}, got {args.precision!r}")
     device = _check_device(args.device)
@@ -154,10 +171,11 @@ def _train_plan(args):
     for k in settings:
         if k not in fields: _fail('--set', f"unknown setting {k!r} for method {cls.name!r}; accepted: {sorted(fields)}")
 
-    dataset, split, subset, seed = args.dataset, args.split, args.subset, args.seed
+    dataset, split, subset, seed = args.dataset or 'mnist', args.split or 'train', args.subset, args.seed or 0
+    epochs = args.epochs
     if prev is not None:                                   # a resumed run keeps what defined it
         dataset, split, seed = prev['dataset'], prev.get('split') or 'train', prev['fit']['seed']
-        subset = prev['meta'].get('subset')
+        subset, epochs = prev['meta'].get('subset'), args.epochs or prev['fit']['epochs']
     data = _load_split(dataset, split, args.data_root)
     if subset is not None:
         if subset > len(data): _fail('--subset', f"must be <= {len(data)}, the size of {data.name}/{split}, got {subset}")
@@ -188,7 +206,7 @@ def _train_plan(args):
     if out is None: out = Path('runs') / f"{cls.name}-{preset}-{data.name}"
     if (out / 'checkpoint.pt').exists() and not (args.resume or args.overwrite):
         _fail('--out', f"{out} already holds a run; pass --resume to continue it, --overwrite to start again, or another --out")
-    kw = dict(epochs=args.epochs, out=out, seed=seed, resume=args.resume, overwrite=args.overwrite, max_steps=args.max_steps,
+    kw = dict(epochs=epochs, out=out, seed=seed, resume=args.resume, overwrite=args.overwrite, max_steps=args.max_steps,
               device=device, precision=args.precision, compile=args.compile, log_every=args.log_every,
               checkpoint_every=args.checkpoint_every, progress=not args.no_progress,
               meta={'subset': subset, 'command': 'emi ' + ' '.join(sys.argv[1:]) if sys.argv else ''})

@@ -111,12 +111,16 @@ def test_nan_loss_exits_1_with_one_line(capsys, tmp_path):
 def test_resume_continues_from_the_run_config(capsys, tmp_path):
     out = tmp_path / 'r'
     base = ['--subset', '256', '--batch-size', '64', '--device', 'cpu', '--no-progress', '--out', out]
-    assert cli.main(['train', 'toy', '--preset', 'tiny', '--seed', '4', '--max-steps', '3', *map(str, base)]) == 0
-    # relaunch with only --out and --resume: settings, seed and subset come from the run's config.json
-    assert cli.main(['train', 'toy', '--resume', '--epochs', '1', '--out', str(out), '--device', 'cpu', '--no-progress']) == 0
+    assert cli.main(['train', 'toy', '--preset', 'tiny', '--seed', '4', '--epochs', '1', '--max-steps', '3',
+                     *map(str, base)]) == 0
+    # an option that contradicts the run is refused ...
+    fails(capsys, ['train', 'toy', '--resume', '--out', out, '--seed', '5'], 'argument --seed', 'started with seed=4')
+    fails(capsys, ['train', 'toy', '--resume', '--out', out, '--set', 'lr=0.1'], 'argument --set', 'lr=0.002')
+    # ... and a relaunch with only --out and --resume takes settings, seed, subset and epochs from config.json
+    assert cli.main(['train', 'toy', '--resume', '--out', str(out), '--device', 'cpu', '--no-progress']) == 0
     assert 'finished' in capsys.readouterr().out
     ck = torch.load(out / 'checkpoint.pt', weights_only=True)
-    assert ck['step'] == 4 and ck['seed'] == 4 and ck['preset'] == 'tiny'
+    assert ck['step'] == 4 and ck['seed'] == 4 and ck['preset'] == 'tiny'          # 1 epoch of 256 / 64
 
 
 # ---- emi eval -------------------------------------------------------------------------------------------------
