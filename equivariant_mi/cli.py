@@ -13,7 +13,7 @@ from . import training as T
 from . import data as D
 
 # %% auto #0
-__all__ = ['UsageError', 'build_parser', 'cmd_train', 'probe_pool', 'results_table', 'cmd_eval', 'cmd_list', 'main']
+__all__ = ['UsageError', 'build_parser', 'cmd_train', 'probe_pool', 'results_table', 'merge_eval', 'cmd_eval', 'cmd_list', 'main']
 
 # %% ../nbs/90_cli.ipynb #c006
 class UsageError(Exception):
@@ -270,6 +270,20 @@ def results_table(layers: dict) -> str:
     return '\n'.join([fmt(head), fmt(['-' * x for x in w])] + [fmt(r) for r in rows])
 
 
+def merge_eval(path, record: dict) -> dict:
+    "Add `record`'s probe results to those already in `path` when both used the same test set and sampling; else replace."
+    if not Path(path).exists(): return record
+    old = json.loads(Path(path).read_text())
+    if any(old.get(k) != record[k] for k in ('method', 'dataset', 'n_test', 'samples')) or 'layers' not in old: return record
+    layers = {k: dict(v) for k, v in old['layers'].items()}
+    for k, r in record['layers'].items():
+        if k not in layers: layers[k] = r; continue
+        probes = {p: dict(per) for p, per in layers[k]['probes'].items()}
+        for p, per in r['probes'].items(): probes[p] = {**probes.get(p, {}), **per}
+        layers[k] = {**r, 'probes': probes}
+    return {**record, 'layers': layers}
+
+
 def cmd_eval(args) -> int:
     "emi eval: probes on frozen features (and raw pixels), table on stdout, DIR/eval.json."
     from equivariant_mi.evaluation import extract_features, evaluate_features, write_eval
@@ -286,9 +300,9 @@ def cmd_eval(args) -> int:
     layers = {k: evaluate_features(f_tr[k], train.labels, f_te[k], test.labels, probes=args.probe, budgets=args.labels,
                                    seeds=seeds, device=args.device) for k in f_tr}
     print(results_table(layers))
-    path = write_eval(args.run, {'run': str(args.run), 'method': method.name, 'dataset': train.name, 'probes': args.probe,
-                                 'labels': args.labels, 'seeds': seeds, 'samples': args.samples, 'n_pool': len(pool),
-                                 'seconds': round(time.time() - t0, 1), 'layers': layers})
+    record = {'run': str(args.run), 'method': method.name, 'dataset': train.name, 'n_test': len(test), 'samples': args.samples,
+              'layers': layers}
+    path = write_eval(args.run, merge_eval(Path(args.run) / 'eval.json', record))
     print(f"({time.time() - t0:.0f} s; features of {len(pool)} training and {len(test)} test images; written to {path})")
     return 0
 

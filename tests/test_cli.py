@@ -161,10 +161,15 @@ def test_eval_stochastic_samples_and_no_pixels(capsys, run_dir):
             '--test-subset', '200', '--no-pixels', '--device', 'cpu']
     assert cli.main([str(a) for a in argv]) == 0
     ev = json.loads((run_dir / 'eval.json').read_text())
-    assert set(ev['layers']) == {'f', 'h'} and ev['samples'] == 2 and ev['seeds'] == [0, 1]
+    assert set(ev['layers']) == {'f', 'h'} and ev['samples'] == 2 and ev['layers']['f']['seeds'] == [0, 1]
     r = ev['layers']['f']
     assert r['test_draws'] == 2 and r['probes']['knn']['100']['accuracy']['n'] == 4      # 2 seeds x 2 test draws
     assert 'knn@100' in capsys.readouterr().out
+    # a second evaluation on the same test set adds its probe to eval.json instead of replacing the file
+    assert cli.main([str(a) for a in argv[:2]] + ['--probe', 'logreg', '--labels', '100', '--samples', '2',
+                                                 '--test-subset', '200', '--no-pixels', '--device', 'cpu']) == 0
+    probes = json.loads((run_dir / 'eval.json').read_text())['layers']['f']['probes']
+    assert set(probes) == {'knn', 'centroid', 'logreg'} and set(probes['knn']) == {'100', '50'}
 
 
 def test_list(capsys):
@@ -194,7 +199,7 @@ def test_short_real_train_and_eval_end_to_end(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert 'pixels' in p.stdout and 'logreg@1000' in p.stdout, p.stdout
     ev = json.loads((out / 'eval.json').read_text())
-    assert set(ev['layers']) == {'pixels', 'f', 'h'} and ev['labels'] == [1000]
+    assert set(ev['layers']) == {'pixels', 'f', 'h'} and ev['n_test'] == 1000
     for feats in ev['layers'].values():
         for probe in ('logreg', 'knn'):
             assert 0.5 < feats['probes'][probe]['1000']['accuracy']['mean'] <= 1.0      # ten classes: chance is 0.1
