@@ -273,7 +273,7 @@ def set_rng_state(state: dict):
     v, internal, gauss = state['python']
     random.setstate((v, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = state['numpy']
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    np.random.set_state((kind, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state['torch'].cpu())
     if state['cuda'] is not None and torch.cuda.is_available(): torch.cuda.set_rng_state(state['cuda'].cpu())
 
