@@ -62,8 +62,9 @@ def ba_bound(
 
 
 def gaussian_log_prob(y, mean, log_var=None):
-    "log N(y; mean, diag(exp(log_var))) summed over the last axis; `log_var=None` means unit variance."
+    "log N(y; mean, diag(exp(log_var))) summed over the last axis; `log_var=None` means unit variance; half inputs are computed in float32."
     if log_var is None: log_var = torch.zeros_like(mean)
+    y, mean, log_var = (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in (y, mean, log_var))
     return -0.5 * ((y - mean) ** 2 * torch.exp(-log_var) + log_var + math.log(2 * math.pi)).sum(-1)
 
 

@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['conv_out_size', 'check_images', 'check_vectors', 'count_parameters', 'layer_table', 'print_layer_table',
-           'ConvEncoder', 'NINEncoder', 'AlexNetEncoder', 'gaussian_rsample', 'gaussian_log_prob',
-           'gaussian_kl_standard', 'as_normal', 'GaussianHead', 'GaussianEncoder', 'DCGANEncoder', 'DIMAlexNetEncoder',
-           'prior_discriminator', 'CRLEncoder', 'ProjectionHead', 'AugmentationPolicyNet', 'equivae_convs',
-           'InvariantEncoder', 'EquivariantEncoder', 'EquiVAEDecoder', 'EquiVAEClassifier']
+           'ConvEncoder', 'NINEncoder', 'AlexNetEncoder', 'gaussian_rsample', 'gaussian_kl_standard', 'as_normal',
+           'GaussianHead', 'GaussianEncoder', 'DCGANEncoder', 'DIMAlexNetEncoder', 'prior_discriminator', 'CRLEncoder',
+           'ProjectionHead', 'AugmentationPolicyNet', 'equivae_convs', 'InvariantEncoder', 'EquivariantEncoder',
+           'EquiVAEDecoder', 'EquiVAEClassifier']
 
 # %% ../nbs/06_models.ipynb #7bee7207
 import math
@@ -16,6 +16,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from .critics import mlp
+from .bounds import gaussian_log_prob  # the one Gaussian log-density of the package
 
 # %% ../nbs/06_models.ipynb #c37647eb
 def conv_out_size(size, kernel, stride=1, padding=0):
@@ -182,11 +183,6 @@ def _f32(*ts):
     "Half-precision tensors (autocast outputs) upcast to float32, so sums over many dimensions stay accurate."
     return [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in ts]
 
-
-def gaussian_log_prob(value, mean, logvar):
-    "log N(value; mean, diag(exp(logvar))), summed over the last axis (computed in float32 for half inputs)."
-    value, mean, logvar = _f32(value, mean, logvar)
-    return -0.5 * (math.log(2 * math.pi) + logvar + (value - mean) ** 2 * torch.exp(-logvar)).sum(-1)
 
 
 def gaussian_kl_standard(mean, logvar):
