@@ -180,7 +180,7 @@ def dim_mlp_probe(x, y, seed=0, hidden=200, dropout=0.5, **kwargs):
 PROBES = {'logreg': logreg_probe, 'knn': knn_probe, 'svm': svm_probe, 'mlp': mlp_probe,
           'dim_mlp': dim_mlp_probe, 'centroid': centroid_probe}
 
-# %% ../nbs/08_evaluation.ipynb #0ce3031e
+# %% ../nbs/08_evaluation.ipynb #63163b45
 def _summary(values):
     "Mean, sample standard deviation (0 for one value), count and the values themselves: JSON-ready."
     v = np.asarray(values, dtype=float)
@@ -203,6 +203,8 @@ def _check_args(probes, budgets, seeds, n_train, probe_kwargs):
     if not seeds: raise ValueError("`seeds` must hold at least one seed, got an empty sequence")
     bad = [k for k in (probe_kwargs or {}) if k not in probes]
     if bad: raise ValueError(f"`probe_kwargs` keys must be among the chosen probes {list(probes)}, got {bad}")
+    if any('seed' in kw for kw in (probe_kwargs or {}).values()):
+        raise ValueError("`probe_kwargs` must not set 'seed': the seeds come from the `seeds` argument")
     return tuple(probes), tuple(budgets), seeds
 
 def evaluate_features(train_feats, train_labels, test_feats, test_labels, probes=('logreg', 'knn', 'mlp'),
@@ -227,7 +229,7 @@ def evaluate_features(train_feats, train_labels, test_feats, test_labels, probes
             accs = []
             for s in seeds:
                 idx = budget_indices(ytr, b, seed=s).numpy()
-                predict = PROBES[p](xtr[idx], ytr[idx], seed=s, n_classes=n_classes, device=device, **kw)
+                predict = PROBES[p](xtr[idx], ytr[idx], **{'n_classes': n_classes, 'device': device, **kw, 'seed': s})
                 accs += [float((predict(draw) == yte).mean()) for draw in xte]
             out['probes'][p][_budget_key(b)] = {'accuracy': _summary(accs), 'error': _summary(1 - np.array(accs))}
             if verbose: print(f"{p:>8} budget {_budget_key(b):>6}: accuracy {np.mean(accs):.4f}")

@@ -29,7 +29,7 @@ def _new_axes(ax=None, figsize=(5, 4), dpi=80):
     fig, ax = plt.subplots(figsize=figsize, dpi=dpi)
     return fig, ax
 
-# %% ../nbs/09_visualization.ipynb #d55a08ea
+# %% ../nbs/09_visualization.ipynb #717c442a
 EMBEDDINGS = ('tsne', 'umap', 'pca')
 
 def embed_2d(features, method='tsne', seed=0, **kwargs):
@@ -45,7 +45,8 @@ def embed_2d(features, method='tsne', seed=0, **kwargs):
         kw = dict(perplexity=min(30.0, (len(x) - 1) / 3), init='pca', random_state=seed) | kwargs
         return TSNE(n_components=2, **kw).fit_transform(x).astype(np.float32)
     import umap  # imported here: the first import compiles numba code (tens of seconds)
-    return umap.UMAP(n_components=2, random_state=seed, **kwargs).fit_transform(x).astype(np.float32)
+    kw = dict(n_jobs=1) | kwargs if seed is not None else kwargs   # a seeded UMAP runs on one thread anyway
+    return umap.UMAP(n_components=2, random_state=seed, **kw).fit_transform(x).astype(np.float32)
 
 def scatter_2d(xy, labels=None, title=None, ax=None, class_names=None, s=6, xlabel='dimension 1',
                ylabel='dimension 2', legend=True):
