@@ -8,7 +8,7 @@ __all__ = ['ESTIMATORS', 'CRITICS', 'POOLE_LEVELS', 'gaussian_mi', 'rho_for_mi',
            'stack_critics', 'StaircaseConfig', 'StaircaseResult', 'run_staircase', 'summarize', 'format_table',
            'plot_staircase', 'gaussian_explorer', 'main']
 
-# %% ../../nbs/02_gaussian_benchmark.ipynb #58f2a4bf
+# %% ../../nbs/02_gaussian_benchmark.ipynb #b9f27ff7
 import argparse, builtins, copy, json, math, numbers, platform, time, warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field, asdict
@@ -22,7 +22,7 @@ from torch.func import stack_module_state, functional_call
 from ..bounds import dv_bound, nwj_bound, jsd_bound, infonce_bound
 from ..critics import SeparableCritic, ConcatCritic
 
-# %% ../../nbs/02_gaussian_benchmark.ipynb #4d144225
+# %% ../../nbs/02_gaussian_benchmark.ipynb #7b0f4a37
 def _check_real(value, name, low=None, high=None, low_open=False, high_open=False):
     "Return `value` as a float, or raise a ValueError naming `name` and the accepted interval."
     if isinstance(value, torch.Tensor) and value.numel() == 1: value = value.item()
@@ -55,7 +55,7 @@ def rho_for_mi(mi, dim=20):
     mi = _check_real(mi, 'mi', 0)
     return math.sqrt(-math.expm1(-2.0 * mi / _check_int(dim, 'dim')))
 
-# %% ../../nbs/02_gaussian_benchmark.ipynb #f7c1d450
+# %% ../../nbs/02_gaussian_benchmark.ipynb #117bf21e
 def sample_correlated_gaussian(rho, batch, dim=20, shape=(), device=None, generator=None):
     "Draw `batch` pairs x ~ N(0, I_dim), y = rho x + sqrt(1 - rho^2) eps; returns x, y of shape [*shape, batch, dim]."
     if isinstance(rho, torch.Tensor):   # a 0-d tensor lets a captured CUDA graph change levels without re-capture
@@ -68,7 +68,7 @@ def sample_correlated_gaussian(rho, batch, dim=20, shape=(), device=None, genera
     y = rho * x + (1 - rho * rho) ** 0.5 * eps[1]
     return x, y
 
-# %% ../../nbs/02_gaussian_benchmark.ipynb #f7cc3116
+# %% ../../nbs/02_gaussian_benchmark.ipynb #85cb3921
 def log_density_ratio(x, y, rho):
     "Optimal critic scores[..., i, j] = log p(y_j | x_i) / p(y_j) for the correlated Gaussian: [..., B, d] x2 -> [..., B, B]."
     d = x.shape[-1]
@@ -80,7 +80,7 @@ def log_density_ratio(x, y, rho):
     sq_dist = yy - 2 * rho * cross + rho * rho * xx
     return -0.5 * d * log_one_minus - sq_dist / (2 * one_minus) + 0.5 * yy
 
-# %% ../../nbs/02_gaussian_benchmark.ipynb #5572a892
+# %% ../../nbs/02_gaussian_benchmark.ipynb #69445b7a
 @dataclass(frozen=True)
 class Estimator:
     "One MI estimator: the bound its critic maximises, the number it reports (both nats, from scores [B, B]), and the offset of its optimal critic from log p(y|x)/p(y)."
@@ -112,7 +112,7 @@ def _check_names(names, name, allowed):
         raise ValueError(f"`{name}` must be distinct names from {list(allowed)}, got {list(names)!r}")
     return names
 
-# %% ../../nbs/02_gaussian_benchmark.ipynb #7a812937
+# %% ../../nbs/02_gaussian_benchmark.ipynb #dd8c06fc
 def optimal_critic_estimates(mi, batch=64, dim=20, n_batches=32, estimators=tuple(ESTIMATORS), seed=0, device=None):
     "Mean and standard deviation over `n_batches` batches of each estimator's read-out when its critic is the optimal one."
     estimators = _check_names(estimators, 'estimators', ESTIMATORS)
@@ -128,7 +128,7 @@ def optimal_critic_estimates(mi, batch=64, dim=20, n_batches=32, estimators=tupl
         out[name] = (values.mean().item(), values.std().item())
     return out
 
-# %% ../../nbs/02_gaussian_benchmark.ipynb #c691c002
+# %% ../../nbs/02_gaussian_benchmark.ipynb #54cedb83
 CRITICS = {'separable': SeparableCritic, 'concat': ConcatCritic}
 
 
@@ -153,7 +153,7 @@ def stack_critics(modules):
 
     return params, buffers, torch.vmap(one_critic)
 
-# %% ../../nbs/02_gaussian_benchmark.ipynb #3de546da
+# %% ../../nbs/02_gaussian_benchmark.ipynb #bf4b1fdf
 POOLE_LEVELS = (2.0, 4.0, 6.0, 8.0, 10.0)
 
 
@@ -194,7 +194,7 @@ class StaircaseConfig:
         "Number of steps at each level, as a tuple."
         return (self.steps,) * len(self.levels) if isinstance(self.steps, numbers.Integral) else tuple(self.steps)
 
-# %% ../../nbs/02_gaussian_benchmark.ipynb #c97f49e8
+# %% ../../nbs/02_gaussian_benchmark.ipynb #f3ca4508
 @dataclass
 class StaircaseResult:
     "Estimates (nats) at every step of one staircase run: `estimates[step, critic, estimator, replica]`, with its config and timing."
@@ -239,7 +239,7 @@ class StaircaseResult:
         est = np.array([[[[np.nan if v is None else v for v in r] for r in e] for e in c] for c in d['estimates']], dtype=np.float32)
         return cls(StaircaseConfig(**d['config']), est, d['seconds'], d['device'], d.get('info', {}))
 
-# %% ../../nbs/02_gaussian_benchmark.ipynb #2e5962e1
+# %% ../../nbs/02_gaussian_benchmark.ipynb #c7d32073
 def _staircase_step(cfg, device, rho, dtype='fp32', capturable=False):
     "Build the stacked critics and their Adam; return (step() -> estimates [C, E, R], number of parameters per critic family)."
     E, R, C = len(cfg.estimators), cfg.replicas, len(cfg.critics)
@@ -280,7 +280,7 @@ def _staircase_step(cfg, device, rho, dtype='fp32', capturable=False):
 
     return step, loss_and_estimates, n_params
 
-# %% ../../nbs/02_gaussian_benchmark.ipynb #9538e0bd
+# %% ../../nbs/02_gaussian_benchmark.ipynb #c573d651
 def _resolve_device(device):
     "None or 'auto' -> cuda when available, else cpu; anything else goes through torch.device."
     if device is None or device == 'auto':
@@ -371,7 +371,7 @@ def _progress_bar(total, enabled):
     from tqdm.auto import tqdm
     return tqdm(total=total, unit='step', desc='staircase')
 
-# %% ../../nbs/02_gaussian_benchmark.ipynb #a82e00a7
+# %% ../../nbs/02_gaussian_benchmark.ipynb #55b4886e
 def summarize(result, tail=0.5):
     "Bias, variance and MSE (nats, nats^2) of every estimator x critic at every level, over the last `tail` fraction of the level's steps."
     tail = _check_real(tail, 'tail', 0, 1, low_open=True)
@@ -412,7 +412,7 @@ def format_table(rows, batch=None):
     if batch: foot += f'; InfoNCE is capped at log B = {math.log(batch):.2f} nats'
     return '\n'.join(lines + [foot + ')'])
 
-# %% ../../nbs/02_gaussian_benchmark.ipynb #a19bb4a8
+# %% ../../nbs/02_gaussian_benchmark.ipynb #b223b403
 def _smooth(values, window):
     "Trailing moving average along axis 0 (shorter windows at the start); NaNs stay NaNs."
     v = np.asarray(values, dtype=np.float64)
@@ -447,7 +447,7 @@ def plot_staircase(result, smooth=None, figsize=None):
     fig.tight_layout()
     return fig
 
-# %% ../../nbs/02_gaussian_benchmark.ipynb #e20e72a7
+# %% ../../nbs/02_gaussian_benchmark.ipynb #44013cc0
 def gaussian_explorer(dim=20):
     "ipywidgets explorer: sliders for the true MI and the batch size, bars for each estimator at the optimal critic."
     import ipywidgets as widgets
@@ -468,7 +468,7 @@ def gaussian_explorer(dim=20):
     return widgets.interactive(show, mi=widgets.FloatSlider(value=6.0, min=0.5, max=16.0, step=0.5, description='true MI'),
                                batch=widgets.SelectionSlider(options=[8, 16, 32, 64, 128, 256, 512, 1024], value=64, description='batch B'))
 
-# %% ../../nbs/02_gaussian_benchmark.ipynb #38c152c9
+# %% ../../nbs/02_gaussian_benchmark.ipynb #ae54aa11
 def main(argv=None):
     "Command line: run the staircase, print the bias/variance table and the timing, write a JSON; returns the StaircaseResult."
     p = argparse.ArgumentParser(prog='python -m equivariant_mi.benchmarks.gaussian',
