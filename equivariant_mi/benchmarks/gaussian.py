@@ -8,8 +8,8 @@ __all__ = ['ESTIMATORS', 'CRITICS', 'POOLE_LEVELS', 'gaussian_mi', 'rho_for_mi',
            'stack_critics', 'StaircaseConfig', 'StaircaseResult', 'run_staircase', 'summarize', 'format_table',
            'plot_staircase', 'gaussian_explorer', 'main']
 
-# %% ../../nbs/02_gaussian_benchmark.ipynb #b9f27ff7
-import argparse, builtins, copy, json, math, numbers, platform, time, warnings
+# %% ../../nbs/02_gaussian_benchmark.ipynb #491dac9e
+import argparse, builtins, copy, json, math, numbers, platform, sys, time, warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
@@ -22,7 +22,7 @@ from torch.func import stack_module_state, functional_call
 from ..bounds import dv_bound, nwj_bound, jsd_bound, infonce_bound
 from ..critics import SeparableCritic, ConcatCritic
 
-# %% ../../nbs/02_gaussian_benchmark.ipynb #7b0f4a37
+# %% ../../nbs/02_gaussian_benchmark.ipynb #7e0acd8d
 def _check_real(value, name, low=None, high=None, low_open=False, high_open=False):
     "Return `value` as a float, or raise a ValueError naming `name` and the accepted interval."
     if isinstance(value, torch.Tensor) and value.numel() == 1: value = value.item()
@@ -55,7 +55,7 @@ def rho_for_mi(mi, dim=20):
     mi = _check_real(mi, 'mi', 0)
     return math.sqrt(-math.expm1(-2.0 * mi / _check_int(dim, 'dim')))
 
-# %% ../../nbs/02_gaussian_benchmark.ipynb #117bf21e
+# %% ../../nbs/02_gaussian_benchmark.ipynb #3b2200b1
 def sample_correlated_gaussian(rho, batch, dim=20, shape=(), device=None, generator=None):
     "Draw `batch` pairs x ~ N(0, I_dim), y = rho x + sqrt(1 - rho^2) eps; returns x, y of shape [*shape, batch, dim]."
     if isinstance(rho, torch.Tensor):   # a 0-d tensor lets a captured CUDA graph change levels without re-capture
@@ -68,7 +68,7 @@ def sample_correlated_gaussian(rho, batch, dim=20, shape=(), device=None, genera
     y = rho * x + (1 - rho * rho) ** 0.5 * eps[1]
     return x, y
 
-# %% ../../nbs/02_gaussian_benchmark.ipynb #85cb3921
+# %% ../../nbs/02_gaussian_benchmark.ipynb #84008d8e
 def log_density_ratio(x, y, rho):
     "Optimal critic scores[..., i, j] = log p(y_j | x_i) / p(y_j) for the correlated Gaussian: [..., B, d] x2 -> [..., B, B]."
     d = x.shape[-1]
@@ -80,7 +80,7 @@ def log_density_ratio(x, y, rho):
     sq_dist = yy - 2 * rho * cross + rho * rho * xx
     return -0.5 * d * log_one_minus - sq_dist / (2 * one_minus) + 0.5 * yy
 
-# %% ../../nbs/02_gaussian_benchmark.ipynb #69445b7a
+# %% ../../nbs/02_gaussian_benchmark.ipynb #4784465a
 @dataclass(frozen=True)
 class Estimator:
     "One MI estimator: the bound its critic maximises, the number it reports (both nats, from scores [B, B]), and the offset of its optimal critic from log p(y|x)/p(y)."
@@ -112,7 +112,7 @@ def _check_names(names, name, allowed):
         raise ValueError(f"`{name}` must be distinct names from {list(allowed)}, got {list(names)!r}")
     return names
 
-# %% ../../nbs/02_gaussian_benchmark.ipynb #dd8c06fc
+# %% ../../nbs/02_gaussian_benchmark.ipynb #1abdb843
 def optimal_critic_estimates(mi, batch=64, dim=20, n_batches=32, estimators=tuple(ESTIMATORS), seed=0, device=None):
     "Mean and standard deviation over `n_batches` batches of each estimator's read-out when its critic is the optimal one."
     estimators = _check_names(estimators, 'estimators', ESTIMATORS)
@@ -128,7 +128,7 @@ def optimal_critic_estimates(mi, batch=64, dim=20, n_batches=32, estimators=tupl
         out[name] = (values.mean().item(), values.std().item())
     return out
 
-# %% ../../nbs/02_gaussian_benchmark.ipynb #54cedb83
+# %% ../../nbs/02_gaussian_benchmark.ipynb #667d7c28
 CRITICS = {'separable': SeparableCritic, 'concat': ConcatCritic}
 
 
@@ -153,7 +153,7 @@ def stack_critics(modules):
 
     return params, buffers, torch.vmap(one_critic)
 
-# %% ../../nbs/02_gaussian_benchmark.ipynb #bf4b1fdf
+# %% ../../nbs/02_gaussian_benchmark.ipynb #a3a456d9
 POOLE_LEVELS = (2.0, 4.0, 6.0, 8.0, 10.0)
 
 
@@ -194,7 +194,7 @@ class StaircaseConfig:
         "Number of steps at each level, as a tuple."
         return (self.steps,) * len(self.levels) if isinstance(self.steps, numbers.Integral) else tuple(self.steps)
 
-# %% ../../nbs/02_gaussian_benchmark.ipynb #f3ca4508
+# %% ../../nbs/02_gaussian_benchmark.ipynb #41d6566a
 @dataclass
 class StaircaseResult:
     "Estimates (nats) at every step of one staircase run: `estimates[step, critic, estimator, replica]`, with its config and timing."
@@ -239,7 +239,7 @@ class StaircaseResult:
         est = np.array([[[[np.nan if v is None else v for v in r] for r in e] for e in c] for c in d['estimates']], dtype=np.float32)
         return cls(StaircaseConfig(**d['config']), est, d['seconds'], d['device'], d.get('info', {}))
 
-# %% ../../nbs/02_gaussian_benchmark.ipynb #c7d32073
+# %% ../../nbs/02_gaussian_benchmark.ipynb #13df9ee1
 def _staircase_step(cfg, device, rho, dtype='fp32', capturable=False):
     "Build the stacked critics and their Adam; return (step() -> estimates [C, E, R], number of parameters per critic family)."
     E, R, C = len(cfg.estimators), cfg.replicas, len(cfg.critics)
@@ -280,7 +280,7 @@ def _staircase_step(cfg, device, rho, dtype='fp32', capturable=False):
 
     return step, loss_and_estimates, n_params
 
-# %% ../../nbs/02_gaussian_benchmark.ipynb #c573d651
+# %% ../../nbs/02_gaussian_benchmark.ipynb #ccbf4636
 def _resolve_device(device):
     "None or 'auto' -> cuda when available, else cpu; anything else goes through torch.device."
     if device is None or device == 'auto':
@@ -358,7 +358,7 @@ def run_staircase(config=None, device=None, dtype='fp32', cuda_graph='auto', com
             if bar is not None and (i + 1) % 100 == 0: bar.update(100)
         if device.type == 'cuda': torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0
-        if bar is not None: bar.close()
+        if bar is not None: bar.update(n_steps - bar.n); bar.close()
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)'
     info = dict(torch=torch.__version__, dtype=dtype, cuda_graph=graph is not None, compile=bool(compile),
                 steps_per_second=n_steps / seconds, params_per_critic=n_params)
@@ -371,7 +371,7 @@ def _progress_bar(total, enabled):
     from tqdm.auto import tqdm
     return tqdm(total=total, unit='step', desc='staircase')
 
-# %% ../../nbs/02_gaussian_benchmark.ipynb #55b4886e
+# %% ../../nbs/02_gaussian_benchmark.ipynb #36e0a7cd
 def summarize(result, tail=0.5):
     "Bias, variance and MSE (nats, nats^2) of every estimator x critic at every level, over the last `tail` fraction of the level's steps."
     tail = _check_real(tail, 'tail', 0, 1, low_open=True)
@@ -412,7 +412,7 @@ def format_table(rows, batch=None):
     if batch: foot += f'; InfoNCE is capped at log B = {math.log(batch):.2f} nats'
     return '\n'.join(lines + [foot + ')'])
 
-# %% ../../nbs/02_gaussian_benchmark.ipynb #b223b403
+# %% ../../nbs/02_gaussian_benchmark.ipynb #8c1f1f44
 def _smooth(values, window):
     "Trailing moving average along axis 0 (shorter windows at the start); NaNs stay NaNs."
     v = np.asarray(values, dtype=np.float64)
@@ -447,14 +447,14 @@ def plot_staircase(result, smooth=None, figsize=None):
     fig.tight_layout()
     return fig
 
-# %% ../../nbs/02_gaussian_benchmark.ipynb #44013cc0
+# %% ../../nbs/02_gaussian_benchmark.ipynb #240083d4
 def gaussian_explorer(dim=20):
     "ipywidgets explorer: sliders for the true MI and the batch size, bars for each estimator at the optimal critic."
     import ipywidgets as widgets
     import matplotlib.pyplot as plt
 
     def show(mi=6.0, batch=64):
-        est = optimal_critic_estimates(mi, batch=batch, dim=dim, n_batches=32)
+        est = optimal_critic_estimates(mi, batch=batch, dim=dim, n_batches=max(4, 2048 // batch))   # bounded memory at large B
         fig, ax = plt.subplots(figsize=(6, 3.2), dpi=80)
         names = list(est)
         ax.bar(range(len(names)), [est[n][0] for n in names], yerr=[est[n][1] for n in names],
@@ -468,7 +468,7 @@ def gaussian_explorer(dim=20):
     return widgets.interactive(show, mi=widgets.FloatSlider(value=6.0, min=0.5, max=16.0, step=0.5, description='true MI'),
                                batch=widgets.SelectionSlider(options=[8, 16, 32, 64, 128, 256, 512, 1024], value=64, description='batch B'))
 
-# %% ../../nbs/02_gaussian_benchmark.ipynb #ae54aa11
+# %% ../../nbs/02_gaussian_benchmark.ipynb #9419a1db
 def main(argv=None):
     "Command line: run the staircase, print the bias/variance table and the timing, write a JSON; returns the StaircaseResult."
     p = argparse.ArgumentParser(prog='python -m equivariant_mi.benchmarks.gaussian',
@@ -491,6 +491,7 @@ def main(argv=None):
     p.add_argument('--tail', type=float, default=0.5, help='fraction of each level used for bias/variance (default: last half)')
     p.add_argument('--out', default='gaussian_benchmark.json', help='JSON output path')
     p.add_argument('--no-progress', action='store_true')
+    argv = sys.argv[1:] if argv is None else list(argv)
     a = p.parse_args(argv)
     steps = (a.steps[0] if len(a.steps) == 1 else tuple(a.steps)) if a.steps else (4000 if a.full else 200)
     try:
@@ -501,6 +502,7 @@ def main(argv=None):
     except ValueError as err:
         p.error(str(err))
     n = res.estimates.shape[0]
+    print('$ python -m equivariant_mi.benchmarks.gaussian ' + ' '.join(argv))
     print(format_table(summarize(res, a.tail), batch=cfg.batch))
     print(f"{n} steps x {len(cfg.critics) * len(cfg.estimators) * cfg.replicas} critics in {res.seconds:.1f} s "
           f"({res.info['steps_per_second']:.1f} steps/s, {1000 / res.info['steps_per_second']:.2f} ms/step) on {res.device}; "
