@@ -51,9 +51,11 @@ def uniform(shape, generator=None, device=None):
     where = generator.device if generator is not None else device
     return torch.rand(shape, generator=generator, device=where).to(device)
 
+from .data import to_float  # the one uint8 -> [0, 1] conversion
+
 def as_float(images):
     "Images as floats in [0, 1]: uint8 is divided by 255, floating-point input is returned unchanged."
-    return images.float().div_(255) if images.dtype == torch.uint8 else images
+    return to_float(images) if images.dtype == torch.uint8 else images
 
 def like_input(out, images):
     "Give `out` (a float result on the scale of `images`) the dtype of `images`: uint8 is rounded and clamped to 0..255."

@@ -77,6 +77,8 @@ def plot_embedding(features, labels=None, method='tsne', seed=0, title=None, ax=
                       xlabel=f"{name} 1", ylabel=f"{name} 2")
 
 # %% ../nbs/09_visualization.ipynb #71caaa90
+from .data import to_float  # the one uint8 -> [0, 1] conversion
+
 def _as_hwc(images):
     "Images [N,C,H,W] (C = 1 or 3), [N,H,W] or one [C,H,W] / [H,W] image as float [N,H,W,C] in [0, 1] for imshow."
     x = torch.as_tensor(_np(images)) if not torch.is_tensor(images) else images.detach().cpu()
@@ -84,7 +86,7 @@ def _as_hwc(images):
     elif x.ndim == 3: x = x[:, None] if x.shape[0] not in (1, 3) else x[None]
     if x.ndim != 4 or x.shape[1] not in (1, 3):
         raise ValueError(f"`images` must be [N, C, H, W] with C = 1 or 3, [N, H, W], [C, H, W] or [H, W], got {tuple(x.shape)}")
-    x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+    x = to_float(x) if x.dtype == torch.uint8 else x.float()
     return x.clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
 def image_grid(images, ncols=None, titles=None, title=None, cmap='gray', size=1.1, dpi=80):
