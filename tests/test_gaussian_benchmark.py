@@ -2,8 +2,11 @@
 (the `__main__` guard, the relative package imports, the printed table and the JSON on disk)."""
 import json
 import math
+import platform
 import subprocess
 import sys
+
+import pytest
 
 
 def test_cli_runs_as_a_module_and_writes_json(tmp_path):
@@ -27,3 +30,20 @@ def test_cli_rejects_bad_arguments_with_a_named_error():
            '--device', 'cpu', '--no-progress']
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and '`levels`' in r.stderr, r.stderr
+
+
+def test_cli_dtype_flag_is_reported_under_the_table(tmp_path):
+    for flag in ('fp32', 'bf16'):
+        cmd = [sys.executable, '-m', 'equivariant_mi.benchmarks.gaussian', '--steps', '2', '--levels', '2',
+               '--critics', 'concat', '--dtype', flag, '--device', 'cpu', '--no-progress', '--out', str(tmp_path / 'g.json')]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+        assert f', {flag}, cuda_graph=False' in r.stdout, r.stdout
+        assert json.loads((tmp_path / 'g.json').read_text())['info']['dtype'] == flag
+
+
+@pytest.mark.skipif(not (platform.system() == 'Linux' and platform.libc_ver()[0] == 'glibc'), reason='mallopt is glibc-only')
+def test_cpu_runs_keep_freed_memory_on_glibc():
+    """The CPU step re-allocates ~100 MB of activations every step; glibc must keep them rather than unmap them."""
+    from equivariant_mi.benchmarks.gaussian import _keep_freed_memory
+    assert _keep_freed_memory() is True
