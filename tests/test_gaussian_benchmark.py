@@ -47,3 +47,17 @@ def test_cpu_runs_keep_freed_memory_on_glibc():
     """The CPU step re-allocates ~100 MB of activations every step; glibc must keep them rather than unmap them."""
     from equivariant_mi.benchmarks.gaussian import _keep_freed_memory
     assert _keep_freed_memory() is True
+
+
+@pytest.mark.skipif(not __import__('torch').cuda.is_available(), reason='needs a CUDA GPU')
+@pytest.mark.parametrize('dtype', ['fp32', 'bf16'])
+def test_cuda_graph_step_matches_the_eager_step(dtype):
+    """The stacked step captured as a CUDA graph (the default on a GPU) gives the eager step's estimates."""
+    import numpy as np
+    from equivariant_mi.benchmarks.gaussian import run_staircase
+    kw = dict(levels=(2.0, 6.0), steps=6, device='cuda', dtype=dtype)
+    graph = run_staircase(**kw)                                  # 3 eager warm-up steps, then replays across a level change
+    eager = run_staircase(**kw, cuda_graph=False)
+    assert graph.info['cuda_graph'] is True and eager.info['cuda_graph'] is False
+    assert graph.info['dtype'] == dtype and np.isfinite(graph.estimates).all()
+    np.testing.assert_allclose(graph.estimates, eager.estimates, rtol=1e-3, atol=1e-3 if dtype == 'fp32' else 5e-2)
