@@ -18,7 +18,7 @@ from ..utils import check_int, check_number, check_one_of, check_images
 
 # %% auto #0
 __all__ = ['EQUIVAE_PRESETS', 'reconstruction_and_kl', 'labelled_elbo', 'unlabelled_elbo', 'draw_m', 'class_pool_indices',
-           'distance_log_probs', 'EquiVAEConfig', 'init_relu_network', 'EquiVAE']
+           'distance_log_probs', 'EquiVAEConfig', 'init_relu_network', 'EquiVAE', 'equivae_accuracy']
 
 # %% ../../nbs/13_equivae.ipynb #5aa33efc
 def reconstruction_and_kl(decoder, x, r, mean, logvar):
@@ -125,7 +125,7 @@ def init_relu_network(module: nn.Module) -> nn.Module:
             if layer.bias is not None: nn.init.zeros_(layer.bias)
     return module
 
-# %% ../../nbs/13_equivae.ipynb #d01a571b
+# %% ../../nbs/13_equivae.ipynb #d3e12de2
 @register
 class EquiVAE(Method):
     "EquiVAE: a deterministic invariant r_y from m other same-class images, a stochastic equivariant v ~ q(v|r_y, x)."
@@ -311,3 +311,34 @@ class EquiVAE(Method):
     def distance_predict(self, x: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
         "argmax_y of the distance classifier p(y|x) ∝ exp(-||f_inv(x) - r_y||^2) for uint8 images."
         return distance_log_probs(self.f_inv(x), prototypes).argmax(-1)
+
+    @torch.no_grad()
+    def qy_predict(self, x: torch.Tensor) -> torch.Tensor:
+        "argmax_y q(y|x) for uint8 images (semi-supervised presets only)."
+        if self.classifier is None: raise ValueError("q(y|x) exists only in the semi-supervised presets (label_budget set)")
+        return self.log_qy(self.prepare(x)).argmax(-1)
+
+# %% ../../nbs/13_equivae.ipynb #a688f713
+@torch.no_grad()
+def equivae_accuracy(method: EquiVAE, images, labels, rule: str = 'distance', train_images=None, train_labels=None,
+                     how: str = 'pool', batch_size: int = 1024) -> float:
+    "Accuracy on (images, labels) of the distance classifier (r_y from the train pool, `how`) or of q(y|x) ('q_y')."
+    check_one_of('rule', rule, ('distance', 'q_y'))
+    check_int('batch_size', batch_size)
+    was_training = method.training
+    method.eval()
+    try:
+        dev = method.log_py.device
+        if rule == 'distance':
+            if train_images is None or train_labels is None:
+                raise ValueError("rule='distance' needs `train_images` and `train_labels` (the pool r_y comes from)")
+            protos = method.class_prototypes(train_images, train_labels, how=how, batch_size=batch_size)
+        labels = torch.as_tensor(labels)
+        correct = 0
+        for i in range(0, len(images), batch_size):
+            x = images[i:i + batch_size].to(dev)
+            pred = method.distance_predict(x, protos) if rule == 'distance' else method.qy_predict(x)
+            correct += int((pred.cpu() == labels[i:i + batch_size].cpu()).sum())
+        return correct / len(images)
+    finally:
+        method.train(was_training)
