@@ -71,7 +71,7 @@ class EquiVAEConfig(MethodConfig):
     epochs: int = 40                 # supervised MNIST "converges in approximately 40 epochs" (section 3.1)
     in_channels: int = 1
     image_size: int = 28
-    latent_dim: int = 16             # dimension of both r_y and v: 16 (8 for semi-supervised MNIST, dense layers halved)
+    latent_dim: int = 16             # dimension of r_y and of v: 16 (8 in semi-supervised MNIST, dense layers halved)
     m_max: int = 7                   # m ~ U{1..m_max} images per r_y: 7 MNIST, 4 semi-supervised MNIST, 10 SVHN
     n_classes: int = 10
     likelihood: str = 'bernoulli'    # p(x|r_y,v): 'bernoulli' on pixels in [0, 1] (MNIST), 'gaussian' (SVHN)
@@ -315,7 +315,8 @@ class EquiVAE(Method):
     @torch.no_grad()
     def qy_predict(self, x: torch.Tensor) -> torch.Tensor:
         "argmax_y q(y|x) for uint8 images (semi-supervised presets only)."
-        if self.classifier is None: raise ValueError("q(y|x) exists only in the semi-supervised presets (label_budget set)")
+        if self.classifier is None:
+            raise ValueError("q(y|x) exists only in the semi-supervised presets (label_budget set)")
         return self.log_qy(self.prepare(x)).argmax(-1)
 
 # %% ../../nbs/13_equivae.ipynb #a688f713
