@@ -70,8 +70,8 @@ def _setting(s):
 # %% ../nbs/90_cli.ipynb #c008
 def _probe_names():
     "Probe names the evaluation module offers."
-    from equivariant_mi import evaluation as E
-    return list(getattr(E, 'PROBES', ('logreg', 'knn', 'svm', 'mlp')))
+    from equivariant_mi.evaluation import PROBES
+    return list(PROBES)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -305,19 +305,19 @@ def merge_eval(path, record: dict) -> dict:
 
 def cmd_eval(args) -> int:
     "emi eval: probes on frozen features (and raw pixels), table on stdout, DIR/eval.json."
-    from equivariant_mi.evaluation import extract_features, evaluate_features, write_eval
+    from equivariant_mi.evaluation import evaluate_features, evaluate_method, write_eval
     method, train, test = _eval_plan(args)
     t0 = time.time()
     seeds = list(range(args.seeds))
     pool = probe_pool(train.labels, args.labels, seeds)
     train = train.subset(pool.to(train.images.device))
-    kw = dict(batch_size=args.batch_size, samples=args.samples, reduce='stack' if args.samples > 1 else 'mean')
-    f_tr, f_te = extract_features(method, train.images, **kw), extract_features(method, test.images, **kw)
+    protocol = dict(probes=args.probe, budgets=args.labels, seeds=seeds)
+    layers = evaluate_method(method, train, test, samples=args.samples, batch_size=args.batch_size, device=args.device,
+                             **protocol)['layers']
     if not args.no_pixels:
-        f_tr = {'pixels': D.to_float(train.images).flatten(1), **f_tr}
-        f_te = {'pixels': D.to_float(test.images).flatten(1), **f_te}
-    layers = {k: evaluate_features(f_tr[k], train.labels, f_te[k], test.labels, probes=args.probe, budgets=args.labels,
-                                   seeds=seeds, device=args.device) for k in f_tr}
+        pixels = evaluate_features(D.to_float(train.images).flatten(1), train.labels, D.to_float(test.images).flatten(1),
+                                   test.labels, device=args.device, **protocol)
+        layers = {'pixels': pixels, **layers}
     print(results_table(layers))
     record = {'run': str(args.run), 'method': method.name, 'dataset': train.name, 'n_test': len(test), 'samples': args.samples,
               'layers': layers}
