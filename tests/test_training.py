@@ -120,7 +120,8 @@ def worker(kind, mode, out, kill_at=None):
 
 
 def run_worker(*args):
-    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_training as t; t.worker(*sys.argv[1:])"
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+            "import test_training as t; t.worker(*sys.argv[1:])")
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': os.pathsep.join(sys.path)}
     return subprocess.run([sys.executable, '-c', code, *map(str, args)], capture_output=True, text=True, timeout=300,
                           env=env)
