@@ -243,7 +243,8 @@ def _train_plan(args):
     if out is None:                                        # the default folder, named by method, preset and data
         dataset = args.dataset or 'mnist'
         try: dataset = D.canonical_name(dataset)
-        except (ValueError, TypeError): _fail('--dataset', f"unknown data set {dataset!r}; choose from {list(D.DATASETS)}")
+        except (ValueError, TypeError):
+            _fail('--dataset', f"unknown data set {dataset!r}; choose from {list(D.DATASETS)}")
         out = Path('runs') / f"{args.method}-{args.preset or 'default'}-{dataset}"
     if args.resume: prev, ck_step = _previous_run(out)
     if prev is not None:
@@ -305,7 +306,7 @@ def _train_plan(args):
 
 
 def cmd_train(args) -> int:
-    "emi train: validate, fit, say where the run is; a SIGINT or SIGTERM ends it with a checkpoint and exit 128 + signal."
+    "emi train: validate, fit, say where the run is; SIGINT or SIGTERM: a checkpoint, then exit 128 + the signal."
     method, data, kw, note = _train_plan(args)
     rank0 = int(os.environ.get('RANK', 0)) == 0            # under torchrun only rank 0 reports
     if note and rank0: print(note, flush=True)

@@ -84,8 +84,9 @@ def read_checkpoint(run_dir, device='cpu') -> tuple:
         if not isinstance(state, dict) or not {'model', 'step'} <= set(state): raise ValueError('not a run checkpoint')
     except Exception as e:
         step = _usable(prev) if ck != prev and prev.is_file() else None
-        fix = (f"the previous checkpoint {str(prev)!r} (step {step}) is intact: move it to {CHECKPOINT} to continue "
-               f"from there" if step is not None else "no earlier checkpoint is kept: start the run again (--overwrite)")
+        fix = f"the previous checkpoint {str(prev)!r} (step {step}) is intact: move it to {CHECKPOINT} to " \
+              f"continue from there" if step is not None else \
+              "no earlier checkpoint is kept: start the run again (--overwrite)"
         raise ValueError(f"checkpoint {str(ck)!r} is damaged: {_damage(e, data)}; {fix}") from None
     return state, {'file': ck.name, 'step': state['step'], 'sha256': hashlib.sha256(data).hexdigest()}
 
@@ -131,10 +132,11 @@ def append_metrics(run_dir, row: dict):
 
 
 def trim_metrics(run_dir, step: int | None):
-    "Keep the rows logged at or before `step` (None: none), so a resumed run does not log a step twice."
+    "Keep the complete rows logged at or before `step` (None: none), so a resumed run does not log a step twice."
     import json
     p = Path(run_dir) / 'metrics.jsonl'
-    rows = [r for r in read_jsonl(p) if r['step'] <= step] if step is not None and p.exists() else []
+    keep = lambda r: r['step'] <= step and not r.get('partial')
+    rows = [r for r in read_jsonl(p) if keep(r)] if step is not None and p.exists() else []
     atomic_write(p, ''.join(json.dumps(r) + '\n' for r in rows))
 
 

@@ -182,14 +182,16 @@ class LossWindow:
     def finite(self, world_size: int = 1, device='cpu') -> bool:
         "Whether every term in the window is finite, on every process (one host sync; used before a checkpoint)."
         if not self.values and world_size == 1: return True
-        flat = torch.cat([torch.stack(v) for v in self.values.values()]) if self.values else torch.zeros(1, device=device)
+        flat = torch.cat([torch.stack(v) for v in self.values.values()]) if self.values else \
+            torch.zeros(1, device=device)
         bad = (~torch.isfinite(flat)).any().float().reshape(1)
         if world_size > 1: dist.all_reduce(bad)
         return not bool(bad.item())
 
     def state_dict(self) -> dict:
         "The window's contents on the CPU: a checkpoint between two log rows carries them, so no row is cut short."
-        return {k: {'values': torch.stack(v).cpu(), 'steps': torch.tensor(self.steps[k])} for k, v in self.values.items()}
+        return {k: {'values': torch.stack(v).cpu(), 'steps': torch.tensor(self.steps[k])}
+                for k, v in self.values.items()}
 
     def load_state_dict(self, state: dict, device='cpu'):
         self.values = {k: list(s['values'].to(device).unbind()) for k, s in state.items()}
@@ -205,7 +207,7 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 class StopSignals:
-    "While active, SIGINT and SIGTERM are recorded in `signum` instead of stopping the process; a second SIGINT stops it."
+    "While active, SIGINT and SIGTERM are recorded in `signum` instead of ending the process; a second SIGINT ends it."
     def __init__(self): self.signum, self.saved = None, {}
 
     def __enter__(self):
@@ -445,7 +447,7 @@ class _Run:
         e, b = self.pos
         return float(e) if e >= self.epochs else e + b / self.n_batches[e]
 
-    def flush(self):
+    def flush(self, partial: bool = False):
         "Read the loss window: stop on a non-finite term, else log the means (and the lr of scheduled phases)."
         means, bad = self.window.flush(self.world)
         if bad is not None:
@@ -458,7 +460,7 @@ class _Run:
         lrs = {('lr' if len(self.phases) == 1 else f'{n}/lr'): lr for n, lr in self.lrs.items()
                if not self.scheds[n].constant}
         row = {'step': self.step, 'epoch': round(self.epoch_float(), 4), 'time': round(time.time() - self.t0, 2),
-               **means, **lrs}
+               **means, **lrs, **({'partial': True} if partial else {})}
         self.history.append(row)
         if self.rank == 0:
             self.pbar.set_postfix({k: f'{v:.4g}' for k, v in means.items()}, refresh=False)
@@ -615,12 +617,15 @@ def fit(method: Method, data, epochs: int | None = None, out=None, *, batch_size
                     if run.step % log_every == 0: run.flush()
                     due, sig = run.poll(run.pos[1] == 0, signals)
                     if out is not None and (due or sig): run.save()
-                    if sig: raise TrainingInterrupted(sig, run.step, out / CHECKPOINT if out is not None else None)
+                    if sig:
+                        run.flush(partial=True)
+                        raise TrainingInterrupted(sig, run.step, out / CHECKPOINT if out is not None else None)
                     if max_steps is not None and run.step >= max_steps:
                         stopped = True; break
         completed = run.pos[0] >= epochs
-        if completed or out is None: run.flush()           # a run stopped at max_steps keeps its window for resume
-        if out is not None and run.last_ckpt != run.step: run.save()
+        if completed: run.flush()
+        if out is not None and run.last_ckpt != run.step: run.save()     # before a partial row: it keeps the window
+        if not completed: run.flush(partial=True)
         if completed and out is not None: run.drop_stale_rows()
         if world > 1: dist.barrier()
         method.eval()
