@@ -35,3 +35,26 @@ def test_stage_one_must_match(tmp_path, capsys):
     except ValueError as e: status, err = 1, str(e)
     else: err = capsys.readouterr().err
     assert status != 0 and 'differs' in err
+
+
+def test_resume_is_exact(tmp_path):
+    "Stopped at step 7 and resumed, a run ends with the weights of an uninterrupted one (t comes from the step context)."
+    import torch
+    from equivariant_mi.data import load_dataset
+    from equivariant_mi.method import build_method
+    from equivariant_mi.training import fit
+    data = load_dataset('mnist', 'train').subset(torch.arange(256))
+    kw = dict(small_widths=(8, 16), z_dim=16, decoder_hidden=32, concat_hidden=16, batch_size=32)
+    run = dict(epochs=2, progress=False, checkpoint_every=5, device='cpu')
+
+    def build(name):
+        torch.manual_seed(0)
+        return build_method(name, 'mnist', **kw)
+    fit(build('vte-pt'), data, out=tmp_path / 'pt', max_steps=2, **run)
+    for name, fr in [('vte-pt', None), ('vte-ba', {'stage1': tmp_path / 'pt'})]:
+        straight = fit(build(name), data, out=tmp_path / f'{name}-a', from_runs=fr, **run)
+        fit(build(name), data, out=tmp_path / f'{name}-b', max_steps=7, from_runs=fr, **run)
+        resumed = fit(build(name), data, out=tmp_path / f'{name}-b', resume=True, from_runs=fr, **run)
+        assert straight.step == resumed.step == 16
+        sa, sb = straight.method.state_dict(), resumed.method.state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), name
