@@ -7,7 +7,7 @@ __all__ = ['bench_images', 'PILPerspective', 'time_steps', 'gpu_pipeline', 'time
            'main']
 
 # %% ../nbs/05b_bench.ipynb #120a81d8
-import argparse, json, os, platform, random, sys, time, warnings
+import argparse, os, platform, random, sys, time, warnings
 
 import numpy as np
 import torch
@@ -16,11 +16,12 @@ import torchvision.transforms.functional as TF
 from torchvision.transforms import InterpolationMode
 
 from .transforms import projective_from_uniform, warp, matrix_to_t, uniform
+from .utils import check_int, check_one_of, resolve_device, write_json
 
 # %% ../nbs/05b_bench.ipynb #0a7d8853
 def bench_images(data='auto'):
     "uint8 images [N,C,H,W] on the CPU and a line saying what they are: 'mnist' real MNIST train, 'random' CIFAR-size noise, 'auto' MNIST if it loads."
-    if data not in ('auto', 'mnist', 'random'): raise ValueError(f"`data` must be one of ['auto', 'mnist', 'random'], got {data!r}")
+    check_one_of('data', data, ['auto', 'mnist', 'random'])
     why = ''
     if data != 'random':
         try:
@@ -120,9 +121,9 @@ def bench_pipeline(device=None, batches=(512, 4096), workers=(0, 2, 4, 16), load
                    seconds=None, quick=False, corner_jitter=0.0, compile=False, compile_modes=('default', 'reduce-overhead'),
                    seed=0, log=None):
     "Images/s of the batched device warp at each batch size (eager, and compiled if asked) and of the PIL DataLoader at each worker count: (header lines, rows)."
-    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    if any(b < 1 for b in batches) or any(w < 0 for w in workers):
-        raise ValueError(f"`batches` must be positive and `workers` non-negative, got {list(batches)} and {list(workers)}")
+    device = resolve_device(device)
+    for b in batches: check_int('batches', b)
+    for w in workers: check_int('workers', w, 0)
     seconds = seconds or (0.2 if quick else 2.0 if device.type == 'cuda' else 1.0)
     loader_batch = loader_batch or (64 if quick else 256)
     family = dict(max_translate=0.125, scale=(0.8, 1.2), quarter_turns=(0, 1, 2, 3), corner_jitter=corner_jitter)
@@ -160,15 +161,12 @@ def format_table(header, rows):
     return '\n'.join(lines)
 
 # %% ../nbs/05b_bench.ipynb #b14b751e
-def _positive(s):
-    v = int(s)
-    if v < 1: raise argparse.ArgumentTypeError(f'must be a positive integer, got {s}')
-    return v
-
-def _count(s):
-    v = int(s)
-    if v < 0: raise argparse.ArgumentTypeError(f'must be a non-negative integer, got {s}')
-    return v
+def _int_arg(low):
+    "An argparse type for an integer >= `low`: `check_int`'s rule, its ValueError turned into argparse's message."
+    def parse(s):
+        try: return check_int('value', int(s), low)
+        except ValueError: raise argparse.ArgumentTypeError(f'must be an integer >= {low}, got {s!r}') from None
+    return parse
 
 def main(argv=None):
     "Command line: `python -m equivariant_mi.bench pipeline [--quick] [--device cuda] [--compile] ...` prints the table."
@@ -177,15 +175,15 @@ def main(argv=None):
     q = sub.add_parser('pipeline', help='images/s: batched projective warp on the device vs a PIL DataLoader')
     q.add_argument('--quick', action='store_true', help='0.2 s per row and loader batches of 64 (for tests)')
     q.add_argument('--device', default=None, help='cuda or cpu (default: cuda when available)')
-    q.add_argument('--batches', type=_positive, nargs='+', default=[512, 4096], help='batch sizes of the device pipeline')
-    q.add_argument('--workers', type=_count, nargs='+', default=[0, 2, 4, 16], help='DataLoader worker counts')
-    q.add_argument('--loader-batch', type=_positive, default=None, help='DataLoader batch size (default 256, 64 with --quick)')
+    q.add_argument('--batches', type=_int_arg(1), nargs='+', default=[512, 4096], help='batch sizes of the device pipeline')
+    q.add_argument('--workers', type=_int_arg(0), nargs='+', default=[0, 2, 4, 16], help='DataLoader worker counts')
+    q.add_argument('--loader-batch', type=_int_arg(1), default=None, help='DataLoader batch size (default 256, 64 with --quick)')
     q.add_argument('--data', choices=['auto', 'mnist', 'random'], default='auto', help='real MNIST (auto: if available) or random pixels')
     q.add_argument('--seconds', type=float, default=None, help='timed seconds per row (default 2 on CUDA, 1 on CPU)')
     q.add_argument('--corner-jitter', type=float, default=0.0, help="AVT's corner jitter (0.125 in its code)")
     q.add_argument('--compile', action='store_true', help='add torch.compile rows for the device pipeline')
     q.add_argument('--compile-modes', nargs='+', default=['default', 'reduce-overhead'], help='torch.compile modes to try')
-    q.add_argument('--threads', type=_positive, default=None,
+    q.add_argument('--threads', type=_int_arg(1), default=None,
                    help='torch CPU threads of the main process (1 can be faster on a CPU shared with other work)')
     q.add_argument('--seed', type=int, default=0)
     q.add_argument('--json', default=None, help='also write the header and rows to this JSON file')
@@ -194,8 +192,7 @@ def main(argv=None):
     header, rows = bench_pipeline(a.device, a.batches, a.workers, a.loader_batch, a.data, a.seconds, a.quick, a.corner_jitter,
                                   a.compile, a.compile_modes, a.seed, log=lambda s: print(s, file=sys.stderr, flush=True))
     print(format_table(header, rows), flush=True)
-    if a.json:
-        with open(a.json, 'w') as f: json.dump(dict(header=header, rows=rows), f, indent=1)
+    if a.json: write_json(a.json, dict(header=header, rows=rows))
     return rows
 
 if __name__ == '__main__' and sys.argv[0].endswith('bench.py'): main()   # `python -m equivariant_mi.bench`, not a notebook

@@ -164,7 +164,7 @@ def _train_plan(args):
     if args.preset not in presets: _fail('--preset', f"method {cls.name!r} has presets {sorted(presets)}, got {args.preset!r}")
     if args.precision not in T.PRECISIONS: _fail('--precision', f"must be one of {list(T.PRECISIONS)}, got {args.precision!r}")
     device = _check_device(args.device)
-    if args.precision == 'fp16' and (device or D.default_device()).type != 'cuda':
+    if args.precision == 'fp16' and (device or T.resolve_device()).type != 'cuda':
         _fail('--precision', "fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
     fields = {f.name for f in dataclasses.fields(cls.Config)}
     settings = dict(args.settings)

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from .data import ImageSet, GPULoader, load_dataset, to_float, default_device
+from .data import ImageSet, GPULoader, load_dataset, to_float
 
 # %% auto #0
 __all__ = ['OPTIMIZERS', 'METHODS', 'PRECISIONS', 'MethodConfig', 'config_to_dict', 'config_from_dict', 'Phase', 'Method',
@@ -373,7 +373,7 @@ def dist_context():
 
 def resolve_device(device=None, local_rank: int = 0) -> torch.device:
     "The training device: the requested one (cuda means this process's GPU), or cuda if available, else cpu."
-    if device is None: device = default_device()
+    if device is None: device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     device = torch.device(device)
     if device.type == 'cuda':
         if not torch.cuda.is_available(): raise ValueError("`device` 'cuda' was requested but no CUDA GPU is available; use 'cpu'")
@@ -596,7 +596,7 @@ def load_run(run_dir, device=None) -> Method:
     cls = get_method(info['method'])
     method = cls(config_from_dict(cls.Config, info['config']))
     method.preset = info.get('preset')
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     method.load_state_dict(_load_checkpoint(ck, 'cpu')['model'])
     method.run_info = info
     return method.to(device).freeze().eval()

@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_visualization.ipynb #97ecc04a
 from __future__ import annotations
-import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,16 +13,13 @@ import torch.nn.functional as F
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
+from .utils import read_jsonl, to_numpy
+
 # %% auto #0
-__all__ = ['EMBEDDINGS', 'embed_2d', 'scatter_2d', 'plot_embedding', 'image_grid', 'read_jsonl', 'plot_curves', 'heatmap',
-           'crop_coverage', 'crop_heatmap', 'nearest_neighbours', 'plot_neighbours', 'neighbour_explorer']
+__all__ = ['EMBEDDINGS', 'embed_2d', 'scatter_2d', 'plot_embedding', 'image_grid', 'plot_curves', 'heatmap', 'crop_coverage',
+           'crop_heatmap', 'nearest_neighbours', 'plot_neighbours', 'neighbour_explorer']
 
 # %% ../nbs/09_visualization.ipynb #ccf6d17b
-def _np(a, dtype=None):
-    "Tensors (any device) and sequences to a numpy array."
-    if torch.is_tensor(a): a = a.detach().cpu().numpy()
-    return np.asarray(a) if dtype is None else np.asarray(a, dtype=dtype)
-
 def _new_axes(ax=None, figsize=(5, 4), dpi=80):
     "Draw into `ax` when given, else into a new figure; return (figure, axes)."
     if ax is not None: return ax.figure, ax
@@ -35,7 +32,7 @@ EMBEDDINGS = ('tsne', 'umap', 'pca')
 def embed_2d(features, method='tsne', seed=0, **kwargs):
     "2-d coordinates [N, 2] of the rows of `features`: t-SNE (scikit-learn), UMAP (umap-learn) or the first two principal components."
     if method not in EMBEDDINGS: raise ValueError(f"`method` must be one of {list(EMBEDDINGS)}, got {method!r}")
-    x = _np(features, np.float32).reshape(len(features), -1)
+    x = to_numpy(features, np.float32).reshape(len(features), -1)
     if len(x) < 3: raise ValueError(f"`features` needs at least 3 rows to embed, got {len(x)}")
     if method == 'pca':
         x = x - x.mean(0)
@@ -51,13 +48,13 @@ def embed_2d(features, method='tsne', seed=0, **kwargs):
 def scatter_2d(xy, labels=None, title=None, ax=None, class_names=None, s=6, xlabel='dimension 1',
                ylabel='dimension 2', legend=True):
     "Scatter of 2-d points coloured by integer label (one legend entry per class); returns the Figure."
-    xy = _np(xy, np.float32)
+    xy = to_numpy(xy, np.float32)
     if xy.ndim != 2 or xy.shape[1] != 2: raise ValueError(f"`xy` must have shape [N, 2], got {xy.shape}")
     fig, ax = _new_axes(ax)
     if labels is None:
         ax.scatter(xy[:, 0], xy[:, 1], s=s, alpha=0.7)
     else:
-        labels = _np(labels).reshape(-1)
+        labels = to_numpy(labels).reshape(-1)
         if len(labels) != len(xy): raise ValueError(f"`labels` has {len(labels)} entries for {len(xy)} points")
         classes = np.unique(labels)
         cmap = plt.get_cmap('tab10' if len(classes) <= 10 else 'tab20')
@@ -81,7 +78,7 @@ from .data import to_float  # the one uint8 -> [0, 1] conversion
 
 def _as_hwc(images):
     "Images [N,C,H,W] (C = 1 or 3), [N,H,W] or one [C,H,W] / [H,W] image as float [N,H,W,C] in [0, 1] for imshow."
-    x = torch.as_tensor(_np(images)) if not torch.is_tensor(images) else images.detach().cpu()
+    x = torch.as_tensor(to_numpy(images)) if not torch.is_tensor(images) else images.detach().cpu()
     if x.ndim == 2: x = x[None, None]
     elif x.ndim == 3: x = x[:, None] if x.shape[0] not in (1, 3) else x[None]
     if x.ndim != 4 or x.shape[1] not in (1, 3):
@@ -110,13 +107,10 @@ def image_grid(images, ncols=None, titles=None, title=None, cmap='gray', size=1.
 # %% ../nbs/09_visualization.ipynb #6ed8f241
 _AXES_KEYS = ('step', 'epoch', 'time')
 
-def read_jsonl(source):
-    "Rows of a metrics.jsonl file (or of run_dir/metrics.jsonl); a list of dicts passes through."
-    if isinstance(source, (list, tuple)): return list(source)
-    p = Path(source)
-    if p.is_dir(): p = p / 'metrics.jsonl'
-    if not p.exists(): raise FileNotFoundError(f"{str(p)!r} does not exist: pass a metrics.jsonl file, a run directory or a list of dicts")
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+def _metrics_file(source):
+    "The metrics.jsonl of a run folder; a file path or a list of rows as given (for `utils.read_jsonl`)."
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir(): return Path(source) / 'metrics.jsonl'
+    return source
 
 def _smooth(v, window):
     "Trailing moving average over `window` points (NaN-free prefix averages at the start)."
@@ -128,7 +122,7 @@ def _smooth(v, window):
 
 def plot_curves(source, keys=None, x='step', smooth=1, logy=False, title=None, ncols=3, dpi=80):
     "One panel per logged quantity of a run's metrics.jsonl against `x` (step, epoch or time), optionally smoothed; returns the Figure."
-    rows = read_jsonl(source)
+    rows = read_jsonl(_metrics_file(source))
     if not rows: raise ValueError("no rows to plot: the metrics file is empty")
     numeric = lambda k: all(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool) for r in rows if k in r)
     found = list(dict.fromkeys(k for r in rows for k in r))
@@ -153,7 +147,7 @@ def plot_curves(source, keys=None, x='step', smooth=1, logy=False, title=None, n
 def heatmap(values, title=None, xlabel='column', ylabel='row', ax=None, cmap='viridis', colorbar=True,
             xticklabels=None, yticklabels=None, annotate=False, fmt='.2f'):
     "A matrix as a colour image with a colour bar (optionally the values written in the cells); returns the Figure."
-    v = _np(values, np.float32)
+    v = to_numpy(values, np.float32)
     if v.ndim != 2: raise ValueError(f"`values` must be a 2-d matrix, got shape {v.shape}")
     fig, ax = _new_axes(ax)
     im = ax.imshow(v, cmap=cmap, interpolation='nearest', aspect='auto')
@@ -169,7 +163,7 @@ def heatmap(values, title=None, xlabel='column', ylabel='row', ax=None, cmap='vi
 
 def crop_coverage(probs, crop=20, stride=4):
     "Per-pixel mass of a distribution over a square lattice of crops: sum of P(t) over the crops t containing the pixel."
-    p = torch.as_tensor(_np(probs, np.float32))
+    p = torch.as_tensor(to_numpy(probs, np.float32))
     side = int(round(p.numel() ** 0.5)) if p.ndim == 1 else p.shape[-1]
     if p.numel() != side * side: raise ValueError(f"`probs` must hold a square lattice of crops (e.g. 17 x 17 = 289), got {p.numel()} values")
     kernel = torch.ones(1, 1, crop, crop)
@@ -185,7 +179,7 @@ def _overlay(mass, cmap='magma', alpha=0.6):
 def crop_heatmap(images, probs, crop=20, stride=4, titles=None, title=None, alpha=0.7, cmap='magma', size=2.2, dpi=80):
     "P(T|x) over a lattice of crops for each image: top, the image with the per-pixel crop mass overlaid; bottom, the lattice itself; returns the Figure."
     x = _as_hwc(images)
-    p = _np(probs, np.float32)
+    p = to_numpy(probs, np.float32)
     p = p.reshape(len(x), -1) if p.ndim > 1 or len(x) == 1 else p[None]
     if len(p) != len(x): raise ValueError(f"`probs` has {len(p)} rows for {len(x)} images")
     side = int(round(p.shape[1] ** 0.5))
@@ -212,7 +206,7 @@ def crop_heatmap(images, probs, crop=20, stride=4, titles=None, title=None, alph
 def nearest_neighbours(features, index, k=8, metric='euclidean'):
     "Indices of the k rows of `features` closest to row `index` (itself excluded), nearest first."
     if metric not in ('euclidean', 'cosine'): raise ValueError(f"`metric` must be one of ['euclidean', 'cosine'], got {metric!r}")
-    z = torch.as_tensor(_np(features, np.float32)).reshape(len(features), -1)
+    z = torch.as_tensor(to_numpy(features, np.float32)).reshape(len(features), -1)
     if not 0 <= index < len(z): raise ValueError(f"`index` must be in [0, {len(z) - 1}], got {index}")
     if metric == 'cosine': z = F.normalize(z, dim=1)
     d = torch.cdist(z[index:index + 1], z)[0]
@@ -222,14 +216,14 @@ def nearest_neighbours(features, index, k=8, metric='euclidean'):
 def plot_neighbours(images, features, index, k=8, labels=None, metric='euclidean', title=None, size=1.1, dpi=80):
     "The image at `index` (left) and its k nearest neighbours in feature space, titled with labels and distances; returns the Figure."
     nb = nearest_neighbours(features, index, k, metric)
-    z = torch.as_tensor(_np(features, np.float32)).reshape(len(features), -1)
+    z = torch.as_tensor(to_numpy(features, np.float32)).reshape(len(features), -1)
     if metric == 'cosine': z = F.normalize(z, dim=1)
     dist = torch.cdist(z[index:index + 1], z[nb])[0]
     idx = [index] + nb.tolist()
     lab = (lambda i: f"y={int(labels[i])} ") if labels is not None else (lambda i: '')
     titles = [f"query {lab(index)}"] + [f"{lab(i)}d={d:.2f}" for i, d in zip(nb.tolist(), dist.tolist())]
     images = getattr(images, 'images', images)              # an ImageSet works too
-    x = images[idx] if torch.is_tensor(images) else _np(images)[idx]
+    x = images[idx] if torch.is_tensor(images) else to_numpy(images)[idx]
     return image_grid(x, ncols=len(idx), titles=titles, size=size, dpi=dpi,
                       title=title or f"index {index} and its {len(nb)} nearest neighbours ({metric})")
 
