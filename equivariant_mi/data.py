@@ -283,7 +283,8 @@ def _not_found(name, split, folder, files, download_error=None) -> DatasetNotFou
 
 # %% ../nbs/04_data.ipynb #d04c021
 _TV_FOLDER = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
-_CIFAR = {"cifar10": ("cifar-10-batches-py", {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}),
+_CIFAR = {"cifar10": ("cifar-10-batches-py",
+                       {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}),
           "cifar100": ("cifar-100-python", {"train": ["train"], "test": ["test"]})}
 _STL_FILES = {"train": ["train_X.bin"], "test": ["test_X.bin"], "unlabeled": ["unlabeled_X.bin"],
               "train+unlabeled": ["train_X.bin", "unlabeled_X.bin"]}
@@ -364,7 +365,8 @@ def load_dataset(name: str, split: str = "train", root=None, download: bool = Tr
 
 # %% ../nbs/04_data.ipynb #d04c024
 def letter_f(channels: int = 1, size: int = 28) -> torch.Tensor:
-    "A uint8 [C,H,W] image of the letter F (channel c at brightness 80*(c+1)): any flip, transpose or channel swap shows."
+    """A uint8 [C,H,W] image of the letter F (channel c at brightness 80*(c+1)): any flip,
+    transpose or channel swap shows."""
     img = torch.zeros(size, size, dtype=torch.uint8)
     s = size // 7
     img[s:6 * s, s:2 * s] = 1                       # the stem, on the left
@@ -461,7 +463,8 @@ def _seed64(*parts) -> int:
 
 
 def place_digits(ds: ImageSet, seed: int = 0, grid: int = 3) -> ImageSet:
-    "Paste each image into a uniformly drawn cell of a blank grid x grid canvas; the cell (row*grid + col) goes to meta['cell']."
+    """Paste each image into a uniformly drawn cell of a blank grid x grid canvas; the cell
+    (row*grid + col) goes to meta['cell']."""
     n, c, h, w = ds.images.shape
     g = torch.Generator().manual_seed(_seed64(seed, ds.split, "place_digits"))
     cell = torch.randint(grid * grid, (n,), generator=g).to(ds.device)
@@ -581,7 +584,8 @@ class SameClassSampler:
         start = torch.searchsorted(self.sorted_labels, y)
         size = torch.searchsorted(self.sorted_labels, y, right=True) - start
         if (size < 2).any():
-            raise ValueError(f"class {int(y[size < 2][0])} has a single item, so its anchors have no other same-class item")
+            raise ValueError(f"class {int(y[size < 2][0])} has a single item, so its anchors have no other "
+                             "same-class item")
         r = torch.randint(0, 2**62, (len(y), m), generator=generator, device=dev) % (size - 1)[:, None]
         picked = self.order[start[:, None] + r]                   # uniform over the block's first size-1 slots
         last = self.order[start + size - 1][:, None].expand_as(picked)

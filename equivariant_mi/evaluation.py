@@ -52,7 +52,8 @@ def _method_device(method):
 
 def extract_features(method, images, batch_size=512, samples=1, reduce='mean', layers=None, device=None,
                      out_device='cpu'):
-    "Frozen features of `images`: `method.features(x)` per batch on `device`, eval mode, no gradients; `samples` draws averaged ('mean') or kept ([k,N,D], 'stack')."
+    """Frozen features of `images`: `method.features(x)` per batch on `device`, eval mode, no gradients;
+    `samples` draws averaged ('mean') or kept ([k,N,D], 'stack')."""
     check_one_of('reduce', reduce, ['mean', 'stack'])
     samples, batch_size = check_int('samples', samples), check_int('batch_size', batch_size)
     fn, x_all = _feature_fn(method), getattr(images, 'images', images)          # an ImageSet works too
@@ -89,7 +90,8 @@ def budget_indices(labels, budget, seed=0):
 
 # %% ../nbs/08_evaluation.ipynb #4aa9ea1c
 def _quiet_fit(model, x, y):
-    "Fit an sklearn model, silencing the convergence warning that a fixed iteration budget (the paper's protocol) triggers."
+    """Fit an sklearn model, silencing the convergence warning that a fixed iteration budget
+    (the paper's protocol) triggers."""
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', ConvergenceWarning)
         return model.fit(x, y)
@@ -99,13 +101,15 @@ def _scaled(model, standardize):
     return make_pipeline(StandardScaler(), model) if standardize else model
 
 def logreg_probe(x, y, seed=0, max_iter=100, C=1.0, standardize=True, n_classes=None, device=None):
-    "Multinomial logistic regression with an L2 penalty (inverse strength `C`), SAG solver, `max_iter` passes, on standardised features."
+    """Multinomial logistic regression with an L2 penalty (inverse strength `C`), SAG solver, `max_iter` passes,
+    on standardised features."""
     model = _scaled(LogisticRegression(solver='sag', max_iter=max_iter, C=C, random_state=seed), standardize)
     return _quiet_fit(model, to_numpy(x, np.float32), to_numpy(y, np.int64)).predict
 
 def knn_probe(x, y, seed=0, k=5, n_classes=None, device=None):
     "k-nearest-neighbour vote (Euclidean, uniform weights) on the features as they are."
-    return KNeighborsClassifier(n_neighbors=k, weights='uniform').fit(to_numpy(x, np.float32), to_numpy(y, np.int64)).predict
+    knn = KNeighborsClassifier(n_neighbors=k, weights='uniform')
+    return knn.fit(to_numpy(x, np.float32), to_numpy(y, np.int64)).predict
 
 def svm_probe(x, y, seed=0, C=1.0, loss='hinge', max_iter=1000, standardize=True, n_classes=None, device=None):
     "Linear SVM (one-vs-rest, hinge loss as in DIM, L2 penalty `C`) on standardised features."
@@ -113,7 +117,8 @@ def svm_probe(x, y, seed=0, C=1.0, loss='hinge', max_iter=1000, standardize=True
     return _quiet_fit(model, to_numpy(x, np.float32), to_numpy(y, np.int64)).predict
 
 def centroid_probe(x, y, seed=0, n_classes=None, device=None):
-    "EquiVAE's distance classifier: predict the class whose mean training feature is nearest, p(y|x) ∝ exp(-||z - r_y||²)."
+    """EquiVAE's distance classifier: predict the class whose mean training feature is nearest,
+    p(y|x) ∝ exp(-||z - r_y||²)."""
     x, y = torch.as_tensor(to_numpy(x, np.float32)), torch.as_tensor(to_numpy(y, np.int64))
     C = int(n_classes or y.max() + 1)
     means = torch.zeros(C, x.shape[1]).index_add_(0, y, x) / torch.bincount(y, minlength=C).clamp_min(1)[:, None]
@@ -128,7 +133,8 @@ def _predict_batched(net, x, batch_size=4096):
 
 def mlp_probe(x, y, seed=0, hidden=(2048, 2048), dropout=0.0, epochs=100, batch_size=256, lr=1e-3,
               weight_decay=0.0, patience=10, val_fraction=0.1, n_classes=None, device=None):
-    "MLP classifier trained with Adam on standardised features; early stopping on a held-out `val_fraction` (patience epochs), or `epochs` fixed epochs when `patience=None`."
+    """MLP classifier trained with Adam on standardised features; early stopping on a held-out `val_fraction`
+    (patience epochs), or `epochs` fixed epochs when `patience=None`."""
     device = resolve_device(device)
     g = torch.Generator().manual_seed(int(seed))
     x = torch.as_tensor(to_numpy(x, np.float32)).to(device); y = torch.as_tensor(to_numpy(y, np.int64)).to(device)
@@ -158,7 +164,8 @@ def mlp_probe(x, y, seed=0, hidden=(2048, 2048), dropout=0.0, epochs=100, batch_
             bad += 1
             if bad >= patience: break
     if best_state is not None: net.load_state_dict(best_state)
-    return lambda z: _predict_batched(net, (torch.as_tensor(to_numpy(z, np.float32)).to(device) - mean) / std).cpu().numpy()
+    scaled = lambda z: (torch.as_tensor(to_numpy(z, np.float32)).to(device) - mean) / std
+    return lambda z: _predict_batched(net, scaled(z)).cpu().numpy()
 
 def dim_mlp_probe(x, y, seed=0, hidden=200, dropout=0.5, **kwargs):
     "DIM's non-linear probe: one hidden layer of 200 ReLU units with dropout (rate not given in the paper: 0.5 here)."
@@ -196,15 +203,19 @@ def _check_args(probes, budgets, seeds, n_train, probe_kwargs):
 
 def evaluate_features(train_feats, train_labels, test_feats, test_labels, probes=('logreg', 'knn', 'mlp'),
                       budgets=(50000, 5000, 500), seeds=(0,), probe_kwargs=None, device=None, verbose=False):
-    "Accuracy and error of each probe trained on class-balanced label budgets of frozen features, over seeds (and over stochastic test draws)."
+    """Accuracy and error of each probe trained on class-balanced label budgets of frozen features, over seeds
+    (and over stochastic test draws)."""
     xtr, xte = to_numpy(train_feats, np.float32), to_numpy(test_feats, np.float32)
     ytr, yte = to_numpy(train_labels, np.int64), to_numpy(test_labels, np.int64)
     if xtr.ndim == 3: xtr = xtr[0]   # stochastic features: one classifier on the first draw ...
     if xte.ndim == 2: xte = xte[None]  # ... tested on every draw of the test features
-    if xtr.ndim != 2 or xte.ndim != 3: raise ValueError(f"features must be [N, D] or [k, N, D], got {xtr.shape} and {xte.shape}")
+    if xtr.ndim != 2 or xte.ndim != 3: raise ValueError(f"features must be [N, D] or [k, N, D], got {xtr.shape} and "
+                                                        f"{xte.shape}")
     if len(xtr) != len(ytr): raise ValueError(f"`train_labels` has {len(ytr)} items but `train_feats` has {len(xtr)}")
-    if xte.shape[1] != len(yte): raise ValueError(f"`test_labels` has {len(yte)} items but `test_feats` has {xte.shape[1]}")
-    if xtr.shape[1] != xte.shape[2]: raise ValueError(f"train and test features differ in width: {xtr.shape[1]} vs {xte.shape[2]}")
+    if xte.shape[1] != len(yte): raise ValueError(f"`test_labels` has {len(yte)} items but `test_feats` has "
+                                                  f"{xte.shape[1]}")
+    if xtr.shape[1] != xte.shape[2]: raise ValueError(f"train and test features differ in width: {xtr.shape[1]} vs "
+                                                      f"{xte.shape[2]}")
     probes, budgets, seeds = _check_args(probes, budgets, seeds, int((ytr >= 0).sum()), probe_kwargs)
     n_classes = int(max(ytr.max(), yte.max()) + 1)
     out = {'n_train': int((ytr >= 0).sum()), 'n_test': len(yte), 'dim': int(xtr.shape[1]), 'test_draws': int(len(xte)),
@@ -223,10 +234,12 @@ def evaluate_features(train_feats, train_labels, test_feats, test_labels, probes
     return out
 
 def format_results(results, metric='accuracy', digits=4):
-    "A markdown table of `results` from `evaluate_features` (or {'layers': {name: results}}): probes × budgets, mean ± std."
+    """A markdown table of `results` from `evaluate_features` (or {'layers': {name: results}}): probes × budgets,
+    mean ± std."""
     check_one_of('metric', metric, ['accuracy', 'error'])
     if 'layers' in results:
-        return '\n\n'.join(f"**{name}**\n\n" + format_results(r, metric, digits) for name, r in results['layers'].items())
+        return '\n\n'.join(f"**{name}**\n\n" + format_results(r, metric, digits)
+                           for name, r in results['layers'].items())
     budgets = list(dict.fromkeys(b for per in results['probes'].values() for b in per))
     rows = [f"| {metric} | " + ' | '.join(budgets) + ' |', '|---' * (len(budgets) + 1) + '|']
     for p, per in results['probes'].items():
@@ -237,7 +250,8 @@ def format_results(results, metric='accuracy', digits=4):
 
 # %% ../nbs/08_evaluation.ipynb #9ea88428
 def evaluate_method(method, train, test, layers=None, samples=1, batch_size=512, device=None, **kwargs):
-    "Extract every (or each named) layer of `method` for the `train` and `test` ImageSets and run `evaluate_features` on each; {'layers': {name: results}}."
+    """Extract every (or each named) layer of `method` for the `train` and `test` ImageSets and run `evaluate_features`
+    on each; {'layers': {name: results}}."""
     reduce = 'stack' if samples > 1 else 'mean'
     get = lambda s: extract_features(method, s.images, batch_size, samples, reduce, layers, device)
     f_train, f_test = get(train), get(test)
@@ -263,7 +277,8 @@ def _sphere(z, normalize=True):
     return F.normalize(z, dim=1) if normalize else z
 
 def uniformity(z, t=2.0, normalize=True, chunk=4096):
-    "Wang & Isola's uniformity: log of the mean over pairs i != j of exp(-t ||z_i - z_j||²) on the unit sphere (lower = more uniform)."
+    """Wang & Isola's uniformity: log of the mean over pairs i != j of exp(-t ||z_i - z_j||²) on the unit sphere
+    (lower = more uniform)."""
     z = _sphere(z, normalize)
     n = len(z)
     if n < 2: raise ValueError(f"`z` needs at least 2 rows, got {n}")
@@ -277,13 +292,15 @@ def uniformity(z, t=2.0, normalize=True, chunk=4096):
     return torch.logsumexp(torch.cat(parts), 0) - math.log(n * (n - 1))
 
 def gaussian_potential(z, t=2.0, normalize=True, chunk=4096):
-    "CRL-TAC's uniformity number: the mean pairwise Gaussian potential exp(-t ||z_i - z_j||²), i.e. exp(uniformity); 1 = collapsed."
+    """CRL-TAC's uniformity number: the mean pairwise Gaussian potential exp(-t ||z_i - z_j||²), i.e. exp(uniformity);
+    1 = collapsed."""
     return uniformity(z, t, normalize, chunk).exp()
 
 def alignment(z1, z2, alpha=2.0, normalize=True):
     "Wang & Isola's alignment: mean ||z1_i - z2_i||^alpha over positive pairs (rows of z1 and z2), on the unit sphere."
     z1, z2 = _sphere(z1, normalize), _sphere(z2, normalize)
-    if z1.shape != z2.shape: raise ValueError(f"`z1` and `z2` must have the same shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    if z1.shape != z2.shape: raise ValueError(f"`z1` and `z2` must have the same shape, got {tuple(z1.shape)} and "
+                                              f"{tuple(z2.shape)}")
     return (z1 - z2).norm(dim=1).pow(alpha).mean()
 
 # %% ../nbs/08_evaluation.ipynb #078f60b7
@@ -295,7 +312,8 @@ def _flat_float(a, name):
     return a.reshape(len(a), -1)
 
 def _global_scale(a, ref):
-    "Centre each column and divide by one overall scale (both invertible, so MI and KL are unchanged); statistics from `ref`."
+    """Centre each column and divide by one overall scale (both invertible, so MI and KL are unchanged);
+    statistics from `ref`."""
     mean = ref.mean(0)
     return (a - mean) / (ref - mean).std().clamp_min(1e-8)
 
@@ -325,7 +343,8 @@ def _curve(values, points=200):
 
 def mine_estimate(x, y, critic=None, steps=2000, batch_size=256, lr=1e-4, ema_rate=0.01, held_out=0.2, seed=0,
                   device=None, hidden=256, layers=2):
-    "MINE: I(X;Y) in nats from a critic T(x, y) trained with the moving-average-corrected DV gradient, reported as the DV bound on held-out pairs."
+    """MINE: I(X;Y) in nats from a critic T(x, y) trained with the moving-average-corrected DV gradient,
+    reported as the DV bound on held-out pairs."""
     x, y = _flat_float(x, 'x'), _flat_float(y, 'y')
     if len(x) != len(y): raise ValueError(f"`x` and `y` must pair up row by row, got {len(x)} and {len(y)} rows")
     device = resolve_device(device)
@@ -358,14 +377,16 @@ def shuffle_dims(z, generator=None):
     return z.gather(0, idx)
 
 def joint_marginal_scores(t_joint, t_marginal):
-    "Score matrix for the bounds from two separate samples: diagonal = scores of joint draws, column j off the diagonal = score of the j-th marginal draw."
+    """Score matrix for the bounds from two separate samples: diagonal = scores of joint draws,
+    column j off the diagonal = score of the j-th marginal draw."""
     B = len(t_joint)
     eye = torch.eye(B, dtype=torch.bool, device=t_joint.device)
     return torch.where(eye, t_joint[:, None], t_marginal[None, :].expand(B, B))
 
 def ndm_estimate(z, discriminator=None, steps=2000, batch_size=256, lr=1e-4, held_out=0.2, seed=0, device=None,
                  hidden=256, layers=2):
-    "NDM: a discriminator trained with the JSD bound to tell representations from their dimension-wise shuffled copies; its KL (DV) and JSD estimates on held-out batches, in nats."
+    """NDM: a discriminator trained with the JSD bound to tell representations from their dimension-wise shuffled
+    copies; its KL (DV) and JSD estimates on held-out batches, in nats."""
     z = _flat_float(z, 'z')
     device = resolve_device(device)
     g = torch.Generator().manual_seed(int(seed))

@@ -39,7 +39,8 @@ def count_parameters(model):
 
 
 def layer_table(model, *inputs):
-    "Run `inputs` through `model` once (eval mode, no grad) and list every leaf layer: (name, type, output shape, #params)."
+    """Run `inputs` through `model` once (eval mode, no grad) and list every leaf layer:
+    (name, type, output shape, #params)."""
     rows, hooks = [], []
     for name, mod in model.named_modules():
         if next(mod.children(), None) is None:
@@ -100,12 +101,14 @@ class ConvEncoder(nn.Module):
         self.convs = nn.ModuleList(blocks)
         n = len(blocks)
         if local_layer is not None and not -n <= local_layer < n:
-            raise ValueError(f"`local_layer` must index one of the {n} conv blocks (-{n}..{n - 1}), got {local_layer!r}")
+            raise ValueError(f"`local_layer` must index one of the {n} conv blocks (-{n}..{n - 1}), got "
+                             f"{local_layer!r}")
         self.local_layer = None if local_layer is None else local_layer % n
         self.flat_dim = c * s * s
         fc, d = [], self.flat_dim
         for width in fc_dims:
-            fc += [nn.Linear(d, width, bias=not batch_norm)] + ([nn.BatchNorm1d(width)] if batch_norm else []) + [nn.ReLU()]
+            fc += [nn.Linear(d, width, bias=not batch_norm)]
+            fc += ([nn.BatchNorm1d(width)] if batch_norm else []) + [nn.ReLU()]
             d = width
         self.fc = nn.Sequential(*fc)
         self.fc_dim = d if len(fc_dims) else None
@@ -153,7 +156,8 @@ class AlexNetEncoder(ConvEncoder):
 
 # %% ../nbs/06_models.ipynb #23590bf3
 def gaussian_rsample(mean, logvar, n=None):
-    "Reparameterised draw z = mean + exp(logvar/2) * eps, eps ~ N(0, I); with `n`, n draws stacked first: [n, *mean.shape]."
+    """Reparameterised draw z = mean + exp(logvar/2) * eps, eps ~ N(0, I); with `n`, n draws stacked first:
+    [n, *mean.shape]."""
     std = torch.exp(0.5 * logvar)
     shape = mean.shape if n is None else (n, *mean.shape)
     return mean + std * torch.randn(shape, dtype=mean.dtype, device=mean.device)
@@ -177,7 +181,8 @@ def as_normal(mean, logvar):
 
 # %% ../nbs/06_models.ipynb #c9d79f0e
 class GaussianHead(nn.Module):
-    "Diagonal-Gaussian head: h -> (mean, log-variance), each a linear map (with `hidden`: each its own one-hidden-layer MLP)."
+    """Diagonal-Gaussian head: h -> (mean, log-variance), each a linear map
+    (with `hidden`: each its own one-hidden-layer MLP)."""
     def __init__(self, in_dim, out_dim, hidden=None):
         super().__init__()
         self.in_dim, self.out_dim = check_int('in_dim', in_dim), check_int('out_dim', out_dim)
@@ -195,7 +200,8 @@ class GaussianHead(nn.Module):
 
 
 class GaussianEncoder(nn.Module):
-    "p(z|x) = N(mean, diag(exp(logvar))) on top of a deterministic `body` with an `out_dim` (VTE: NIN or AlexNet + 512-d heads)."
+    """p(z|x) = N(mean, diag(exp(logvar))) on top of a deterministic `body` with an `out_dim`
+    (VTE: NIN or AlexNet + 512-d heads)."""
     def __init__(self, body, z_dim=512, hidden=None):
         super().__init__()
         if not hasattr(body, 'out_dim'):
@@ -222,7 +228,8 @@ def _halving_plan(image_size, stop_at=7):
 
 
 class DCGANEncoder(ConvEncoder):
-    "Deep InfoMax's DCGAN-discriminator-style encoder: stride-2 convs (BN, ReLU) -> fc 1024 (BN, ReLU) -> linear Y (64)."
+    """Deep InfoMax's DCGAN-discriminator-style encoder: stride-2 convs (BN, ReLU) -> fc 1024 (BN, ReLU) -> linear Y
+    (64)."""
     def __init__(self, in_channels=3, image_size=32, widths=None, kernel_size=None, fc_dim=1024, y_dim=64,
                  local_layer=None, batch_norm=True, y_activation=None):
         image_size = check_int('image_size', image_size)
@@ -238,7 +245,8 @@ class DCGANEncoder(ConvEncoder):
 
 # %% ../nbs/06_models.ipynb #6778af21
 class DIMAlexNetEncoder(ConvEncoder):
-    "Deep InfoMax's AlexNet-style encoder for 64x64 crops: five 3x3 convs (BN, ReLU, 3 max-pools) -> fc 4096 x2 -> Y (64)."
+    """Deep InfoMax's AlexNet-style encoder for 64x64 crops: five 3x3 convs (BN, ReLU, 3 max-pools) -> fc 4096 x2 -> Y
+    (64)."""
     def __init__(self, in_channels=3, image_size=64, widths=(96, 192, 384, 384, 192), fc_dims=(4096, 4096), y_dim=64,
                  local_layer=2, batch_norm=True, y_activation=None):
         if len(widths) != 5: raise ValueError(f"`widths` must list 5 channel counts, got {widths!r}")
@@ -262,7 +270,8 @@ class CRLEncoder(ConvEncoder):
 
 
 class ProjectionHead(nn.Module):
-    "CRL-TAC's projection head g: a 2-layer MLP 200 -> 200 -> 50; with `normalize`, outputs on the unit sphere (h = g o f)."
+    """CRL-TAC's projection head g: a 2-layer MLP 200 -> 200 -> 50; with `normalize`, outputs on the unit sphere
+    (h = g o f)."""
     def __init__(self, in_dim=200, hidden_dim=200, out_dim=50, normalize=True):
         super().__init__()
         self.net, self.normalize = mlp([in_dim, hidden_dim, out_dim]), normalize
@@ -293,7 +302,8 @@ def equivae_convs(filters=(8, 16, 32, 64, 64), kernel_size=5):
 
 
 class InvariantEncoder(nn.Module):
-    "EquiVAE's f_inv / r_y: conv stack -> dense 128 per image, mean over the m images of a set, dense 64 -> linear latent (16)."
+    """EquiVAE's f_inv / r_y: conv stack -> dense 128 per image, mean over the m images of a set,
+    dense 64 -> linear latent (16)."""
     def __init__(self, in_channels=1, image_size=28, latent_dim=16, filters=(8, 16, 32, 64, 64), dense_dims=None,
                  kernel_size=5):
         super().__init__()
@@ -305,7 +315,8 @@ class InvariantEncoder(nn.Module):
         self.in_channels, self.image_size, self.out_dim = self.embed.in_channels, self.embed.image_size, latent_dim
 
     def forward(self, x, mask=None):
-        "r [B, latent_dim] from sets x [B, m, C, H, W] (bool `mask` [B, m] keeps the True items); x [B, C, H, W] means m = 1."
+        """r [B, latent_dim] from sets x [B, m, C, H, W] (bool `mask` [B, m] keeps the True items);
+        x [B, C, H, W] means m = 1."""
         who, c, s = type(self).__name__, self.in_channels, self.image_size
         if isinstance(x, torch.Tensor) and x.dim() == 4: x = x.unsqueeze(1)
         if not isinstance(x, torch.Tensor) or x.dim() != 5:
@@ -328,7 +339,8 @@ class InvariantEncoder(nn.Module):
 
 # %% ../nbs/06_models.ipynb #25ae14b3
 class EquivariantEncoder(nn.Module):
-    "EquiVAE's q(v | r_y, x): conv embedding of x (dense 128) and a dense embedding of r_y, concatenated -> (mean, logvar) of v."
+    """EquiVAE's q(v | r_y, x): conv embedding of x (dense 128) and a dense embedding of r_y, concatenated ->
+    (mean, logvar) of v."""
     def __init__(self, in_channels=1, image_size=28, r_dim=16, v_dim=16, filters=(8, 16, 32, 64, 64), x_dim=None,
                  r_hidden=None, hidden=None, kernel_size=5):
         super().__init__()
@@ -356,12 +368,14 @@ def _transpose_padding(size_in, size_out, kernel, stride=2):
 
 
 class EquiVAEDecoder(nn.Module):
-    "EquiVAE's p(x | r_y, v): dense 64 per latent, dense 128 joint, then transposed convs mirroring f_inv -> per-pixel parameters."
+    """EquiVAE's p(x | r_y, v): dense 64 per latent, dense 128 joint,
+    then transposed convs mirroring f_inv -> per-pixel parameters."""
     def __init__(self, out_channels=1, image_size=28, r_dim=16, v_dim=16, dense_dims=None, filters=(64, 32, 16, 8),
                  kernel_size=5, likelihood='bernoulli', gaussian_std=1.0):
         super().__init__()
         check_one_of('likelihood', likelihood, ['bernoulli', 'gaussian'])
-        self.out_channels, self.image_size = check_int('out_channels', out_channels), check_int('image_size', image_size)
+        self.out_channels = check_int('out_channels', out_channels)
+        self.image_size = check_int('image_size', image_size)
         self.r_dim, self.v_dim = check_int('r_dim', r_dim), check_int('v_dim', v_dim)
         dense_dims = tuple(dense_dims) if dense_dims is not None else (4 * v_dim, 8 * v_dim)
         self.embed_r = nn.Sequential(nn.Linear(r_dim, dense_dims[0]), nn.ReLU())
@@ -390,7 +404,8 @@ class EquiVAEDecoder(nn.Module):
         return self.deconv(h[:, :, None, None])
 
     def log_prob(self, x, out):
-        "log p(x | r_y, v) summed over pixels: [B]. Bernoulli: x in [0, 1], `out` logits; Gaussian: `out` means. float32."
+        """log p(x | r_y, v) summed over pixels: [B]. Bernoulli: x in [0, 1], `out` logits; Gaussian:
+        `out` means. float32."""
         x, out = _f32(x, out)
         if self.likelihood == 'bernoulli':
             return -F.binary_cross_entropy_with_logits(out, x, reduction='none').flatten(1).sum(-1)
@@ -404,8 +419,8 @@ class EquiVAEDecoder(nn.Module):
 # %% ../nbs/06_models.ipynb #d1c2f61b
 class EquiVAEClassifier(nn.Module):
     "EquiVAE's q(y|x): conv embedding of x with stop_grad(f_inv(x)) -> dense (128, 64) with dropout -> class logits."
-    def __init__(self, in_channels=1, image_size=28, n_classes=10, inv_dim=8, filters=(8, 16, 32, 64, 64), embed_dim=None,
-                 hidden=(128, 64), dropout=0.5, kernel_size=5):
+    def __init__(self, in_channels=1, image_size=28, n_classes=10, inv_dim=8, filters=(8, 16, 32, 64, 64),
+                 embed_dim=None, hidden=(128, 64), dropout=0.5, kernel_size=5):
         super().__init__()
         self.inv_dim = check_int('inv_dim', inv_dim)
         embed_dim = embed_dim or 8 * inv_dim

@@ -42,7 +42,8 @@ def as_float(images):
     return to_float(images) if images.dtype == torch.uint8 else images
 
 def like_input(out, images):
-    "Give `out` (a float result on the scale of `images`) the dtype of `images`: uint8 is rounded and clamped to 0..255."
+    """Give `out` (a float result on the scale of `images`) the dtype of `images`:
+    uint8 is rounded and clamped to 0..255."""
     if images.dtype == torch.uint8: return out.round_().clamp_(0, 255).to(torch.uint8)
     return out.to(images.dtype)
 
@@ -54,16 +55,19 @@ def matrix_to_t(H):
 def t_to_matrix(t):
     "Homographies [...,3,3] from their 8 normalised coefficients t [...,8] (the ninth entry is 1)."
     if not isinstance(t, Tensor) or t.shape[-1] != 8:
-        raise ValueError(f"`t` must be a tensor with 8 coefficients in its last dimension, got {getattr(t, 'shape', type(t))}")
+        raise ValueError("`t` must be a tensor with 8 coefficients in its last dimension, got "
+                         f"{getattr(t, 'shape', type(t))}")
     return torch.cat([t, torch.ones_like(t[..., :1])], -1).unflatten(-1, (3, 3))
 
 def apply_homography(H, points):
-    "Map points [N,P,2] (normalised x, y) through homographies H [N,3,3]: multiply (x, y, 1) by H, divide by the third entry."
+    """Map points [N,P,2] (normalised x, y) through homographies H [N,3,3]: multiply (x, y, 1) by H,
+    divide by the third entry."""
     p = torch.cat([points, torch.ones_like(points[..., :1])], -1) @ H.transpose(-1, -2)
     return p[..., :2] / p[..., 2:]
 
 def invert_homography(H):
-    "Inverse homographies [...,3,3] through the adjugate (rows' cross products) over the determinant: elementwise, no solver, no host sync."
+    """Inverse homographies [...,3,3] through the adjugate (rows' cross products) over the determinant: elementwise,
+    no solver, no host sync."""
     r0, r1, r2 = H.unbind(-2)
     c0, c1, c2 = torch.linalg.cross(r1, r2), torch.linalg.cross(r2, r0), torch.linalg.cross(r0, r1)
     det = (r0 * c0).sum(-1)[..., None, None]
@@ -77,8 +81,10 @@ def homography_from_points(src, dst):
     x, y = src.unbind(-1)
     u, v = dst.unbind(-1)
     one, zero = torch.ones_like(x), torch.zeros_like(x)
-    rows_u = torch.stack([x, y, one, zero, zero, zero, -u * x, -u * y], -1)    # u (h31 x + h32 y + 1) = h11 x + h12 y + h13
-    rows_v = torch.stack([zero, zero, zero, x, y, one, -v * x, -v * y], -1)    # v (h31 x + h32 y + 1) = h21 x + h22 y + h23
+    # u (h31 x + h32 y + 1) = h11 x + h12 y + h13
+    rows_u = torch.stack([x, y, one, zero, zero, zero, -u * x, -u * y], -1)
+    # v (h31 x + h32 y + 1) = h21 x + h22 y + h23
+    rows_v = torch.stack([zero, zero, zero, x, y, one, -v * x, -v * y], -1)
     A = torch.cat([rows_u, rows_v], -2)
     b = torch.cat([u, v], -1).unsqueeze(-1)
     h = torch.linalg.solve_ex(A, b)[0].squeeze(-1)                              # solve_ex: no error check, no host sync
@@ -91,7 +97,9 @@ def _corners(n, device):
     return torch.stack([x, y], -1).expand(n, 4, 2)
 
 def projective_matrix(translate, scale, quarter_turns, corner_shift=None):
-    "Homographies H [N,3,3], input -> output in normalised coordinates: k quarter turns anticlockwise (as torch.rot90), scale about the centre, shift by `translate` [N,2] (fractions of width, height), then move the corners by `corner_shift` [N,4,2] (fractions)."
+    """Homographies H [N,3,3], input -> output in normalised coordinates: k quarter turns anticlockwise
+    (as torch.rot90), scale about the centre, shift by `translate` [N,2] (fractions of width, height),
+    then move the corners by `corner_shift` [N,4,2] (fractions)."""
     translate = torch.as_tensor(translate, dtype=torch.float32)
     if translate.ndim != 2 or translate.shape[-1] != 2:
         raise ValueError(f"`translate` must have shape [N,2], got {tuple(translate.shape)}")
@@ -99,7 +107,8 @@ def projective_matrix(translate, scale, quarter_turns, corner_shift=None):
     scale = torch.as_tensor(scale, dtype=torch.float32, device=dev)
     k = torch.as_tensor(quarter_turns, device=dev)
     if scale.shape != (n,) or k.shape != (n,) or k.is_floating_point():
-        raise ValueError(f"`scale` and `quarter_turns` (integers) must have shape [{n}], got {tuple(scale.shape)} and {tuple(k.shape)} {k.dtype}")
+        raise ValueError(f"`scale` and `quarter_turns` (integers) must have shape [{n}], got {tuple(scale.shape)} "
+                         f"and {tuple(k.shape)} {k.dtype}")
     k = k.long() % 4
     c = ((k == 0).float() - (k == 2).float()) * scale               # cos and sin of k quarter turns, exactly
     s = ((k == 1).float() - (k == 3).float()) * scale
@@ -114,13 +123,15 @@ def projective_matrix(translate, scale, quarter_turns, corner_shift=None):
 
 # %% ../nbs/05_transforms.ipynb #dc9fa8b5
 def pixel_centres(height, width, device=None, dtype=torch.float32):
-    "Normalised (x, y) of every pixel centre, [H,W,2]: x = (2j+1)/W - 1, y = (2i+1)/H - 1 (grid_sample, align_corners=False)."
+    """Normalised (x, y) of every pixel centre, [H,W,2]: x = (2j+1)/W - 1, y = (2i+1)/H - 1
+    (grid_sample, align_corners=False)."""
     ys = (torch.arange(height, device=device, dtype=dtype) * 2 + 1) / height - 1
     xs = (torch.arange(width, device=device, dtype=dtype) * 2 + 1) / width - 1
     return torch.stack(torch.meshgrid(xs, ys, indexing='xy'), -1)
 
 def homography_grid(H, height, width):
-    "Sampling grid [N,H,W,2]: where every pixel centre goes under homographies H [N,3,3], as one matrix product for the whole batch."
+    """Sampling grid [N,H,W,2]: where every pixel centre goes under homographies H [N,3,3],
+    as one matrix product for the whole batch."""
     n = H.shape[0]
     q = pixel_centres(height, width, device=H.device, dtype=H.dtype).view(-1, 2)
     base = torch.cat([q, torch.ones_like(q[:, :1])], 1)                     # (x, y, 1) of every pixel, [P,3]
@@ -128,13 +139,15 @@ def homography_grid(H, height, width):
     return (p[:, :2] / p[:, 2:]).transpose(1, 2).reshape(n, height, width, 2)
 
 def warp(images, H, mode='bilinear', padding_mode='zeros', fill=0.0):
-    "Warp images [N,C,H,W] by homographies H [N,3,3] (input -> output): out(q) = in(H^-1 q), one grid_sample; same dtype out (uint8 rounded), `fill` outside."
+    """Warp images [N,C,H,W] by homographies H [N,3,3] (input -> output): out(q) = in(H^-1 q), one grid_sample;
+    same dtype out (uint8 rounded), `fill` outside."""
     check_images(images)
     check_one_of('mode', mode, ['bilinear', 'nearest', 'bicubic'])
     check_one_of('padding_mode', padding_mode, ['zeros', 'border', 'reflection'])
     n, _, h, w = images.shape
     if not isinstance(H, Tensor) or H.shape != (n, 3, 3):
-        raise ValueError(f"`H` must be a tensor of shape [{n},3,3] (one homography per image), got {getattr(H, 'shape', type(H))}")
+        raise ValueError(f"`H` must be a tensor of shape [{n},3,3] (one homography per image), got "
+                         f"{getattr(H, 'shape', type(H))}")
     x = images.float() if images.dtype == torch.uint8 else images
     back = invert_homography(H.to(device=x.device, dtype=torch.float32))             # output -> input
     grid = homography_grid(back, h, w).to(x.dtype)
@@ -154,7 +167,8 @@ def _check_family(max_translate, scale, quarter_turns, corner_jitter):
     return max_translate, (lo, hi), turns, corner_jitter
 
 def projective_from_uniform(u, max_translate=0.125, scale=(0.8, 1.2), quarter_turns=(0, 1, 2, 3), corner_jitter=0.0):
-    "Homographies [n,3,3] from uniform numbers u [n,12] (2 shift, 1 scale, 1 turn, 8 corner shifts): the deterministic half of the sampler."
+    """Homographies [n,3,3] from uniform numbers u [n,12] (2 shift, 1 scale, 1 turn, 8 corner shifts):
+    the deterministic half of the sampler."""
     max_translate, (lo, hi), turns, corner_jitter = _check_family(max_translate, scale, quarter_turns, corner_jitter)
     if not isinstance(u, Tensor) or u.ndim != 2 or u.shape[1] != 12:
         raise ValueError(f"`u` must be a tensor [n,12] of U[0,1) numbers, got {getattr(u, 'shape', type(u))}")
@@ -168,14 +182,17 @@ def projective_from_uniform(u, max_translate=0.125, scale=(0.8, 1.2), quarter_tu
 
 def sample_projective(n, max_translate=0.125, scale=(0.8, 1.2), quarter_turns=(0, 1, 2, 3), corner_jitter=0.0,
                       generator=None, device=None):
-    "n random homographies [n,3,3] of the AVT/VTE family: shift U(+-max_translate), scale U(scale), a quarter turn from `quarter_turns`, corners moved U(+-corner_jitter)."
+    """n random homographies [n,3,3] of the AVT/VTE family: shift U(+-max_translate), scale U(scale),
+    a quarter turn from `quarter_turns`, corners moved U(+-corner_jitter)."""
     check_int('n', n, 0)
     _check_family(max_translate, scale, quarter_turns, corner_jitter)
-    return projective_from_uniform(uniform((n, 12), generator, device), max_translate, scale, quarter_turns, corner_jitter)
+    u = uniform((n, 12), generator, device)
+    return projective_from_uniform(u, max_translate, scale, quarter_turns, corner_jitter)
 
 def random_projective(images, max_translate=0.125, scale=(0.8, 1.2), quarter_turns=(0, 1, 2, 3), corner_jitter=0.0,
                       generator=None, mode='bilinear', padding_mode='zeros', fill=0.0):
-    "Warp every image by its own random homography: (warped images, same dtype as the input; t [N,8], the normalised coefficients of input -> output)."
+    """Warp every image by its own random homography: (warped images, same dtype as the input; t [N,8], the normalised
+    coefficients of input -> output)."""
     check_images(images)
     H = sample_projective(images.shape[0], max_translate, scale, quarter_turns, corner_jitter, generator, images.device)
     return warp(images, H, mode, padding_mode, fill), matrix_to_t(H)
@@ -183,7 +200,8 @@ def random_projective(images, max_translate=0.125, scale=(0.8, 1.2), quarter_tur
 # %% ../nbs/05_transforms.ipynb #56335ad2
 @dataclass(frozen=True)
 class CropGrid:
-    "Every `crop` x `crop` window of an `image` x `image` picture whose top-left corner lies on a `stride` lattice; crop k = i * per_side + j starts at pixel (stride i, stride j)."
+    """Every `crop` x `crop` window of an `image` x `image` picture whose top-left corner lies on a `stride` lattice;
+    crop k = i * per_side + j starts at pixel (stride i, stride j)."""
     image: int = 84
     crop: int = 20
     stride: int = 4
@@ -192,7 +210,8 @@ class CropGrid:
         for name in ('image', 'crop', 'stride'): check_int(name, getattr(self, name))
         if self.crop > self.image: raise ValueError(f"`crop` must be at most `image` = {self.image}, got {self.crop}")
         if (self.image - self.crop) % self.stride:
-            raise ValueError(f"`stride` must divide image - crop = {self.image - self.crop} (so the last crop reaches the border), got {self.stride}")
+            raise ValueError(f"`stride` must divide image - crop = {self.image - self.crop} (so the last crop "
+                             f"reaches the border), got {self.stride}")
 
     @property
     def per_side(self): return (self.image - self.crop) // self.stride + 1
@@ -228,7 +247,8 @@ class CropGrid:
         "A strided view [N,C,P,P,crop,crop] of every crop of every image (P = per_side, no copy)."
         check_images(images)
         if tuple(images.shape[-2:]) != (self.image, self.image):
-            raise ValueError(f"`images` must be {self.image}x{self.image} for this CropGrid, got {tuple(images.shape[-2:])}")
+            raise ValueError(f"`images` must be {self.image}x{self.image} for this CropGrid, got "
+                             f"{tuple(images.shape[-2:])}")
         return images.unfold(2, self.crop, self.stride).unfold(3, self.crop, self.stride)
 
     def gather(self, images, idx):
@@ -254,24 +274,31 @@ class CropGrid:
         return (F.max_pool2d(peak, self.crop, self.stride) > threshold).flatten(1)
 
     def cell_mask(self, cell, how='touching', cells_per_side=3):
-        "Boolean [..., n]: crops that touch (how='touching') or lie inside (how='inside') cell = row * cells_per_side + col of the canvas."
+        """Boolean [..., n]: crops that touch (how='touching') or lie inside
+        (how='inside') cell = row * cells_per_side + col of the canvas."""
         check_one_of('how', how, ['touching', 'inside'])
         if check_int('cells_per_side', cells_per_side) and self.image % cells_per_side:
             raise ValueError(f"`cells_per_side` must divide the image size {self.image}, got {cells_per_side!r}")
         cell = torch.as_tensor(cell)
-        if cell.is_floating_point() or (not cell.is_cuda and cell.numel() and (cell.min() < 0 or cell.max() >= cells_per_side ** 2)):
+        out_of_range = not cell.is_cuda and cell.numel() and (cell.min() < 0 or cell.max() >= cells_per_side ** 2)
+        if cell.is_floating_point() or out_of_range:
             raise ValueError(f"`cell` must hold integers in [0, {cells_per_side ** 2 - 1}]")
         size = self.image // cells_per_side
-        start = torch.arange(self.per_side, device=cell.device) * self.stride                      # crop starts per axis
-        lo = (torch.stack([cell // cells_per_side, cell % cells_per_side], -1) * size).unsqueeze(-1)  # cell starts [...,2,1]
-        ok = (start < lo + size) & (start + self.crop > lo) if how == 'touching' else (start >= lo) & (start + self.crop <= lo + size)
+        # crop starts per axis
+        start = torch.arange(self.per_side, device=cell.device) * self.stride
+        # cell starts [...,2,1]
+        lo = (torch.stack([cell // cells_per_side, cell % cells_per_side], -1) * size).unsqueeze(-1)
+        if how == 'touching': ok = (start < lo + size) & (start + self.crop > lo)
+        else: ok = (start >= lo) & (start + self.crop <= lo + size)
         return (ok[..., 0, :, None] & ok[..., 1, None, :]).flatten(-2)
 
 crl_tac_crops = CropGrid(84, 20, 4)
 
 # %% ../nbs/05_transforms.ipynb #9c5c9e01
-def resized_crop_boxes(n, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generator=None, device=None, attempts=10):
-    "Boxes [n,4] = (top, left, h, w) in whole pixels, one per image, drawn as torchvision's RandomResizedCrop draws one (first of `attempts` that fits, else a centred crop)."
+def resized_crop_boxes(n, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generator=None, device=None,
+                       attempts=10):
+    """Boxes [n,4] = (top, left, h, w) in whole pixels, one per image,
+    drawn as torchvision's RandomResizedCrop draws one (first of `attempts` that fits, else a centred crop)."""
     lo, hi = _pair(scale, 'scale', low=0.0)
     r_lo, r_hi = _pair(ratio, 'ratio', low=1e-6)
     u = uniform((n, attempts, 4), generator, device)
@@ -283,7 +310,8 @@ def resized_crop_boxes(n, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)
     left = torch.floor(u[..., 3] * (width - w + 1))
     first = fits.int().argmax(1, keepdim=True)                              # the first attempt that fits
     box = torch.stack([v.gather(1, first).squeeze(1) for v in (top, left, h, w)], -1)
-    in_ratio = width / height                                               # fallback: centred, aspect clamped into `ratio`
+    # fallback: centred, aspect clamped into `ratio`
+    in_ratio = width / height
     fw = width if in_ratio <= r_hi else round(height * r_hi)
     fh = height if in_ratio >= r_lo else round(width / r_lo)
     fallback = [(height - fh) // 2, (width - fw) // 2, fh, fw]
@@ -291,12 +319,14 @@ def resized_crop_boxes(n, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)
     return torch.stack([torch.where(ok, box[:, i], float(fallback[i])) for i in range(4)], -1)
 
 def resized_crop(images, boxes, size, flip=None, mode='bilinear'):
-    "Crop boxes[n] = (top, left, h, w) of image n, resize to `size` (int or (h, w)), mirror where flip[n]: one affine grid_sample; float [0,1] out."
+    """Crop boxes[n] = (top, left, h, w) of image n, resize to `size` (int or (h, w)), mirror where flip[n]:
+    one affine grid_sample; float [0,1] out."""
     check_images(images)
     check_one_of('mode', mode, ['bilinear', 'nearest', 'bicubic'])
     n, c, H, W = images.shape
     if not isinstance(boxes, Tensor) or boxes.shape != (n, 4):
-        raise ValueError(f"`boxes` must be a tensor [{n},4] of (top, left, h, w), got {getattr(boxes, 'shape', type(boxes))}")
+        raise ValueError(f"`boxes` must be a tensor [{n},4] of (top, left, h, w), got "
+                         f"{getattr(boxes, 'shape', type(boxes))}")
     oh, ow = (size, size) if isinstance(size, int) else tuple(size)
     top, left, h, w = boxes.to(device=images.device, dtype=torch.float32).unbind(-1)
     sx = w / W if flip is None else w / W * (1 - 2 * flip.to(images.device).float())   # a mirror is a negative x scale
@@ -346,7 +376,8 @@ def adjust_color(x, op, f):
 
 def sample_color_jitter(n, brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, p=0.8, random_order=True,
                         generator=None, device=None):
-    "Per-image ColorJitter parameters: factors [n,4] (brightness, contrast, saturation ~ U(max(0,1-a), 1+a), hue shift ~ U(-a, a); (1,1,1,0) with prob. 1-p) and order [n,4]."
+    """Per-image ColorJitter parameters: factors [n,4] (brightness, contrast, saturation ~ U(max(0,1-a), 1+a), hue shift
+    ~ U(-a, a); (1,1,1,0) with prob. 1-p) and order [n,4]."""
     for name, v in [('brightness', brightness), ('contrast', contrast), ('saturation', saturation)]:
         check_number(name, v, 0.0)
     hue, p = check_number('hue', hue, 0.0, 0.5), check_number('p', p, 0.0, 1.0)
@@ -369,7 +400,8 @@ def color_jitter(images, factors, order):
 # %% ../nbs/05_transforms.ipynb #7c5a7dc7
 def sample_simclr(n, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_p=0.5, strength=1.0, jitter_p=0.8,
                   grey_p=0.2, generator=None, device=None):
-    "Per-image SimCLR parameters: dict(box [n,4], flip [n], jitter [n,4], order [n,4], grey [n]); colour strength s gives jitter (0.8s, 0.8s, 0.8s, 0.2s)."
+    """Per-image SimCLR parameters: dict(box [n,4], flip [n], jitter [n,4], order [n,4], grey [n]);
+    colour strength s gives jitter (0.8s, 0.8s, 0.8s, 0.2s)."""
     flip_p, grey_p = check_number('flip_p', flip_p, 0.0, 1.0), check_number('grey_p', grey_p, 0.0, 1.0)
     s = check_number('strength', strength, 0.0, 2.5)
     box = resized_crop_boxes(n, height, width, scale, ratio, generator, device)
@@ -378,7 +410,8 @@ def sample_simclr(n, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), fli
     return dict(box=box, flip=u[:, 0] < flip_p, jitter=factors, order=order, grey=u[:, 1] < grey_p)
 
 def apply_simclr(images, params, size=None):
-    "Apply SimCLR parameters to images [N,C,H,W]: resized crop + flip, colour jitter, grey scale; float [0,1] views [N,C,size,size]."
+    """Apply SimCLR parameters to images [N,C,H,W]: resized crop + flip, colour jitter, grey scale;
+    float [0,1] views [N,C,size,size]."""
     check_images(images)
     size = size or tuple(images.shape[-2:])
     x = resized_crop(images, params['box'], size, params['flip'])
@@ -387,7 +420,8 @@ def apply_simclr(images, params, size=None):
     return x
 
 def simclr_augment(images, size=None, generator=None, **options):
-    "One SimCLR view of every image, parameters drawn per image: (views float [0,1] [N,C,size,size], params dict). `options` go to `sample_simclr`."
+    """One SimCLR view of every image, parameters drawn per image:
+    (views float [0,1] [N,C,size,size], params dict). `options` go to `sample_simclr`."""
     check_images(images)
     params = sample_simclr(images.shape[0], *images.shape[-2:], generator=generator, device=images.device, **options)
     return apply_simclr(images, params, size), params

@@ -30,7 +30,8 @@ def _new_axes(ax=None, figsize=(5, 4), dpi=80):
 EMBEDDINGS = ('tsne', 'umap', 'pca')
 
 def embed_2d(features, method='tsne', seed=0, **kwargs):
-    "2-d coordinates [N, 2] of the rows of `features`: t-SNE (scikit-learn), UMAP (umap-learn) or the first two principal components."
+    """2-d coordinates [N, 2] of the rows of `features`: t-SNE (scikit-learn), UMAP
+    (umap-learn) or the first two principal components."""
     if method not in EMBEDDINGS: raise ValueError(f"`method` must be one of {list(EMBEDDINGS)}, got {method!r}")
     x = to_numpy(features, np.float32).reshape(len(features), -1)
     if len(x) < 3: raise ValueError(f"`features` needs at least 3 rows to embed, got {len(x)}")
@@ -82,7 +83,8 @@ def _as_hwc(images):
     if x.ndim == 2: x = x[None, None]
     elif x.ndim == 3: x = x[:, None] if x.shape[0] not in (1, 3) else x[None]
     if x.ndim != 4 or x.shape[1] not in (1, 3):
-        raise ValueError(f"`images` must be [N, C, H, W] with C = 1 or 3, [N, H, W], [C, H, W] or [H, W], got {tuple(x.shape)}")
+        raise ValueError("`images` must be [N, C, H, W] with C = 1 or 3, [N, H, W], [C, H, W] or [H, W], got "
+                         f"{tuple(x.shape)}")
     x = to_float(x) if x.dtype == torch.uint8 else x.float()
     return x.clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
@@ -93,8 +95,8 @@ def image_grid(images, ncols=None, titles=None, title=None, cmap='gray', size=1.
     if titles is not None and len(titles) != n: raise ValueError(f"`titles` has {len(titles)} entries for {n} images")
     ncols = int(ncols or min(n, 10))
     nrows = -(-n // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows + 0.3 * bool(title) + 0.2 * (titles is not None) * nrows),
-                             dpi=dpi, squeeze=False)
+    height = size * nrows + 0.3 * bool(title) + 0.2 * (titles is not None) * nrows
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, height), dpi=dpi, squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis('off')
         if i >= n: continue
@@ -121,10 +123,12 @@ def _smooth(v, window):
     return np.concatenate([head, out])
 
 def plot_curves(source, keys=None, x='step', smooth=1, logy=False, title=None, ncols=3, dpi=80):
-    "One panel per logged quantity of a run's metrics.jsonl against `x` (step, epoch or time), optionally smoothed; returns the Figure."
+    """One panel per logged quantity of a run's metrics.jsonl against `x` (step, epoch or time), optionally smoothed;
+    returns the Figure."""
     rows = read_jsonl(_metrics_file(source))
     if not rows: raise ValueError("no rows to plot: the metrics file is empty")
-    numeric = lambda k: all(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool) for r in rows if k in r)
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    numeric = lambda k: all(number(r[k]) for r in rows if k in r)
     found = list(dict.fromkeys(k for r in rows for k in r))
     if x not in found: raise ValueError(f"`x` must be one of the logged keys {found}, got {x!r}")
     keys = [k for k in found if k not in _AXES_KEYS and numeric(k)] if keys is None else list(keys)
@@ -162,10 +166,12 @@ def heatmap(values, title=None, xlabel='column', ylabel='row', ax=None, cmap='vi
     return fig
 
 def crop_coverage(probs, crop=20, stride=4):
-    "Per-pixel mass of a distribution over a square lattice of crops: sum of P(t) over the crops t containing the pixel."
+    """Per-pixel mass of a distribution over a square lattice of crops:
+    sum of P(t) over the crops t containing the pixel."""
     p = torch.as_tensor(to_numpy(probs, np.float32))
     side = int(round(p.numel() ** 0.5)) if p.ndim == 1 else p.shape[-1]
-    if p.numel() != side * side: raise ValueError(f"`probs` must hold a square lattice of crops (e.g. 17 x 17 = 289), got {p.numel()} values")
+    if p.numel() != side * side: raise ValueError("`probs` must hold a square lattice of crops (e.g. 17 x 17 = "
+                                                  f"289), got {p.numel()} values")
     kernel = torch.ones(1, 1, crop, crop)
     return F.conv_transpose2d(p.reshape(1, 1, side, side), kernel, stride=stride)[0, 0].numpy()
 
@@ -177,7 +183,8 @@ def _overlay(mass, cmap='magma', alpha=0.6):
     return rgba
 
 def crop_heatmap(images, probs, crop=20, stride=4, titles=None, title=None, alpha=0.7, cmap='magma', size=2.2, dpi=80):
-    "P(T|x) over a lattice of crops for each image: top, the image with the per-pixel crop mass overlaid; bottom, the lattice itself; returns the Figure."
+    """P(T|x) over a lattice of crops for each image: top, the image with the per-pixel crop mass overlaid; bottom,
+    the lattice itself; returns the Figure."""
     x = _as_hwc(images)
     p = to_numpy(probs, np.float32)
     p = p.reshape(len(x), -1) if p.ndim > 1 or len(x) == 1 else p[None]
@@ -205,7 +212,8 @@ def crop_heatmap(images, probs, crop=20, stride=4, titles=None, title=None, alph
 # %% ../nbs/09_visualization.ipynb #b653762a
 def nearest_neighbours(features, index, k=8, metric='euclidean'):
     "Indices of the k rows of `features` closest to row `index` (itself excluded), nearest first."
-    if metric not in ('euclidean', 'cosine'): raise ValueError(f"`metric` must be one of ['euclidean', 'cosine'], got {metric!r}")
+    if metric not in ('euclidean', 'cosine'): raise ValueError("`metric` must be one of ['euclidean', 'cosine'], "
+                                                               f"got {metric!r}")
     z = torch.as_tensor(to_numpy(features, np.float32)).reshape(len(features), -1)
     if not 0 <= index < len(z): raise ValueError(f"`index` must be in [0, {len(z) - 1}], got {index}")
     if metric == 'cosine': z = F.normalize(z, dim=1)
@@ -214,7 +222,8 @@ def nearest_neighbours(features, index, k=8, metric='euclidean'):
     return d.topk(min(k, len(z) - 1), largest=False).indices
 
 def plot_neighbours(images, features, index, k=8, labels=None, metric='euclidean', title=None, size=1.1, dpi=80):
-    "The image at `index` (left) and its k nearest neighbours in feature space, titled with labels and distances; returns the Figure."
+    """The image at `index` (left) and its k nearest neighbours in feature space, titled with labels and distances;
+    returns the Figure."""
     nb = nearest_neighbours(features, index, k, metric)
     z = torch.as_tensor(to_numpy(features, np.float32)).reshape(len(features), -1)
     if metric == 'cosine': z = F.normalize(z, dim=1)
@@ -237,7 +246,8 @@ def _widgets_available():
     return ip is not None and getattr(ip, 'kernel', None) is not None
 
 def neighbour_explorer(images, features, labels=None, k=8, metric='euclidean', index=0, interactive=None):
-    "Pick an index with a slider and see the image and its nearest neighbours in feature space; without a live kernel (or ipywidgets) it returns the static Figure for `index`."
+    """Pick an index with a slider and see the image and its nearest neighbours in feature space; without a live kernel
+    (or ipywidgets) it returns the static Figure for `index`."""
     if interactive is None: interactive = _widgets_available()
     if not interactive: return plot_neighbours(images, features, index, k, labels, metric)
     import ipywidgets as W
