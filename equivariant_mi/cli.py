@@ -4,12 +4,13 @@
 
 # %% ../nbs/90_cli.ipynb #c003
 from __future__ import annotations
-import argparse, dataclasses, json, os, sys, time
+import argparse, dataclasses, json, os, re, sys, time
 from pathlib import Path
 
 import torch
 
-from . import training as T
+from . import method as M, runs as R, training as T
+from .utils import resolve_device
 from . import data as D
 
 # %% auto #0
@@ -50,6 +51,12 @@ def _name_list(s):
     v = [x.strip() for x in s.split(',') if x.strip()]
     if not v: raise argparse.ArgumentTypeError(f"must be a comma-separated list of names, got {s!r}")
     return v
+
+
+def _setting_or_path(s):
+    "argparse type: KEY=RUN or RUN (the method's only requirement)."
+    k, v = s.split('=', 1) if '=' in s else (None, s)
+    return (k.strip() if k else None), v
 
 
 def _setting(s):
@@ -93,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument('--log-every', type=_positive_int, default=50)
     t.add_argument('--checkpoint-every', type=_positive_int, default=500)
     t.add_argument('--no-progress', action='store_true', help='no progress bar')
+    t.add_argument('--from', type=_setting_or_path, action='append', default=[], metavar='[KEY=]RUN', dest='from_runs',
+                   help="a finished run the method builds on (its `requires`); KEY= may be left out when it needs one")
     e = sub.add_parser('eval', help='probe the frozen features of a trained run, next to raw pixels')
     e.add_argument('run', metavar='DIR', help='a run directory written by `emi train`')
     e.add_argument('--probe', type=_name_list, default=['logreg', 'knn'], help="comma-separated probes (default: logreg,knn)")
@@ -114,8 +123,8 @@ def _fail(arg, message): raise UsageError(f"argument {arg}: {message}")
 
 def _check_device(device):
     if device is None: return None
-    try: return T.resolve_device(device)
-    except (RuntimeError, ValueError) as err: _fail('--device', str(err).replace('`device` ', ''))
+    try: return resolve_device(device)
+    except ValueError as err: _fail('--device', str(err).replace('`device` ', ''))
 
 
 def _load_split(name, split, root, arg='--dataset'):
@@ -148,29 +157,51 @@ def _check_same_as_run(args, prev, out):
                                   f"a resumed run keeps its settings (drop the option, or choose another --out)")
 
 
+# the option that sets each argument the library names in its errors (`name` in backticks)
+_OPTIONS = {'batch_size': '--batch-size', 'epochs': '--epochs', 'precision': '--precision', 'device': '--device',
+            'seed': '--seed', 'max_steps': '--max-steps', 'log_every': '--log-every', 'out': '--out',
+            'checkpoint_every': '--checkpoint-every', 'resume': '--resume', 'from_runs': '--from', 'images': '--dataset',
+            'preset': '--preset', 'method': 'METHOD'}
+
+
+def _option_for(err, default='--set') -> str:
+    "The command-line option behind a library ValueError (the first `name` it quotes), else `default`."
+    m = re.search(r"`([A-Za-z_]+)", str(err))
+    return _OPTIONS.get(m.group(1), default) if m else default
+
+
+def _library_fail(err, default='--set'):
+    "A library ValueError as a usage error on its option, in the command line's words (resume=True -> --resume)."
+    msg = str(err).replace('resume=True', '--resume').replace('overwrite=True', '--overwrite')
+    _fail(_option_for(err, default), msg)
+
+
+def _from_runs(args, cls) -> dict:
+    "--from values as {requirement: run}; a bare RUN names the method's only requirement."
+    out = {}
+    for k, v in args.from_runs:
+        if k is None:
+            if len(cls.requires) != 1:
+                _fail('--from', f"method {cls.name!r} requires {sorted(cls.requires) or 'no other run'}; "
+                                f"write --from KEY=RUN")
+            k = next(iter(cls.requires))
+        out[k] = v
+    return out
+
+
 def _train_plan(args):
-    "Validate the train arguments; return (method, data, fit keyword arguments, out)."
+    "Validate the train arguments with the library's own checks; return (method, data, fit keyword arguments)."
     out = Path(args.out) if args.out else None
     prev = None
     if args.resume and out is not None and (out / 'config.json').exists() and (out / 'checkpoint.pt').exists():
-        prev = T.read_run_info(out)
+        prev = R.read_run_info(out)
         if prev['method'] != args.method:
             _fail('METHOD', f"the run in {out} trained {prev['method']!r}, not {args.method!r}; resume it with that name")
         _check_same_as_run(args, prev, out)
-    try: cls = T.get_method(args.method)
-    except ValueError: _fail('METHOD', f"unknown method {args.method!r}; choose from {sorted(T.METHODS)}")
-    presets = cls.all_presets()
+    try: cls = M.get_method(args.method)
+    except ValueError: _fail('METHOD', f"unknown method {args.method!r}; choose from {sorted(M.METHODS)}")
     if args.preset is None: args.preset = 'default'
-    if args.preset not in presets: _fail('--preset', f"method {cls.name!r} has presets {sorted(presets)}, got {args.preset!r}")
-    if args.precision not in T.PRECISIONS: _fail('--precision', f"must be one of {list(T.PRECISIONS)}, got {args.precision!r}")
-    device = _check_device(args.device)
-    if args.precision == 'fp16' and (device or D.default_device()).type != 'cuda':
-        _fail('--precision', "fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
-    fields = {f.name for f in dataclasses.fields(cls.Config)}
     settings = dict(args.settings)
-    for k in settings:
-        if k not in fields: _fail('--set', f"unknown setting {k!r} for method {cls.name!r}; accepted: {sorted(fields)}")
-
     dataset, split, subset, seed = args.dataset or 'mnist', args.split or 'train', args.subset, args.seed or 0
     epochs = args.epochs
     if prev is not None:                                   # a resumed run keeps what defined it
@@ -180,35 +211,23 @@ def _train_plan(args):
     if subset is not None:
         if subset > len(data): _fail('--subset', f"must be <= {len(data)}, the size of {data.name}/{split}, got {subset}")
         data = data.subset(_subset_indices(len(data), subset, seed))
-
-    if prev is not None:
-        config = T.config_from_dict(cls.Config, prev['config']); preset = prev.get('preset')
-    else:
-        base = {**presets[args.preset], **settings}
-        _, c, h, w = data.images.shape
-        for k, v in (('in_channels', c), ('image_size', h if h == w else None)):
-            if k in fields and k not in settings and v is not None: base[k] = v
-        if args.batch_size is not None: base['batch_size'] = args.batch_size
-        try: config = T.replace_config(cls.Config(), **base); config.validate()
-        except (ValueError, TypeError) as err: _fail('--set' if settings else '--preset', str(err))
-        preset = args.preset
-    T.seed_everything(seed)
-    method = cls(config); method.preset = preset
+    T.seed_everything(seed)                                # the initial weights follow the run's seed
+    try:
+        if prev is not None:
+            method = cls(M.config_from_dict(cls.Config, prev['config'])); method.preset = prev.get('preset')
+        else:
+            if args.batch_size is not None: settings['batch_size'] = args.batch_size
+            method = M.build_method(cls.name, args.preset, data=data, **settings)
+    except ValueError as err: _library_fail(err, '--set' if settings else '--preset')
     try: method.check_images(data.images)
     except ValueError as err: _fail('--dataset', str(err))
-    bs = method.config.batch_size
-    if bs < method.min_batch_size:
-        _fail('--batch-size', f"must be >= {method.min_batch_size} for method {cls.name!r} (its bound takes the negatives "
-                              f"from the batch), got {bs}")
-    world = int(os.environ.get('WORLD_SIZE', 1))
-    if bs * world > len(data):
-        _fail('--batch-size', f"{bs} x {world} process(es) is more than the {len(data)} training items")
-    if out is None: out = Path('runs') / f"{cls.name}-{preset}-{data.name}"
-    if (out / 'checkpoint.pt').exists() and not (args.resume or args.overwrite):
-        _fail('--out', f"{out} already holds a run; pass --resume to continue it, --overwrite to start again, or another --out")
+    if out is None: out = Path('runs') / f"{cls.name}-{method.preset}-{data.name}"
     kw = dict(epochs=epochs, out=out, seed=seed, resume=args.resume, overwrite=args.overwrite, max_steps=args.max_steps,
-              device=device, precision=args.precision, compile=args.compile, log_every=args.log_every,
-              checkpoint_every=args.checkpoint_every, progress=not args.no_progress,
+              device=args.device, precision=args.precision, log_every=args.log_every,
+              checkpoint_every=args.checkpoint_every, from_runs=_from_runs(args, cls))
+    try: T.check_fit(method, data, **kw)
+    except ValueError as err: _library_fail(err)
+    kw.update(compile=args.compile, progress=not args.no_progress,
               meta={'subset': subset, 'command': 'emi ' + ' '.join(sys.argv[1:]) if sys.argv else ''})
     return method, data, kw
 
@@ -235,9 +254,9 @@ def _eval_plan(args):
     bad = [p for p in args.probe if p not in known]
     if bad: _fail('--probe', f"unknown probe(s) {bad}; choose from {known}")
     device = _check_device(args.device)
-    info = T.read_run_info(run)
-    try: T.get_method(info['method'])
-    except ValueError: _fail('DIR', f"the run's method {info['method']!r} is not registered; known: {sorted(T.METHODS)}")
+    info = R.read_run_info(run)
+    try: M.get_method(info['method'])
+    except ValueError: _fail('DIR', f"the run's method {info['method']!r} is not registered; known: {sorted(M.METHODS)}")
     train = _load_split(info['dataset'], 'train', args.data_root, arg='DIR')
     test = _load_split(info['dataset'], 'test', args.data_root, arg='DIR')
     n_lab = int((train.labels >= 0).sum())
@@ -246,7 +265,7 @@ def _eval_plan(args):
     if args.test_subset is not None:
         if args.test_subset > len(test): _fail('--test-subset', f"must be <= {len(test)} (the test split), got {args.test_subset}")
         test = test.subset(torch.arange(args.test_subset))
-    method = T.load_run(run, device=device)
+    method = R.load_run(run, device=device)
     return method, train, test
 
 
@@ -309,9 +328,9 @@ def cmd_eval(args) -> int:
 # %% ../nbs/90_cli.ipynb #c016
 def cmd_list(args) -> int:
     "emi list: methods (presets, settings), data sets (splits), probes."
-    T._import_method_modules()
+    M.load_methods()
     print('methods:')
-    for name, cls in sorted(T.METHODS.items()):
+    for name, cls in sorted(M.METHODS.items()):
         print(f"  {name:<12} presets: {', '.join(sorted(cls.all_presets()))}")
         print(f"  {'':<12} settings: {', '.join(f.name for f in dataclasses.fields(cls.Config))}")
     print('datasets:')

@@ -16,7 +16,8 @@ import torch
 
 from equivariant_mi import cli
 from equivariant_mi import data as D
-from equivariant_mi.training import METHODS, ToyInfoNCE, register
+from equivariant_mi.method import METHODS, Requirement, register
+from equivariant_mi.methods.toy import ToyInfoNCE
 
 _load = functools.lru_cache(maxsize=None)(D.load_dataset)
 
@@ -55,7 +56,7 @@ def test_unknown_dataset(capsys): fails(capsys, ['train', 'toy', '--dataset', 'i
 def test_unknown_split(capsys): fails(capsys, ['train', 'toy', '--split', 'valid'], 'argument --split', "['train', 'test']")
 def test_unknown_setting(capsys): fails(capsys, ['train', 'toy', '--set', 'temprature=0.1'], 'argument --set', "'temperature'")
 def test_setting_without_value(capsys): fails(capsys, ['train', 'toy', '--set', 'lr'], 'argument --set', 'KEY=VALUE')
-def test_impossible_setting(capsys): fails(capsys, ['train', 'toy', '--set', 'lr=-1'], 'argument --set', '`lr` must be a positive')
+def test_impossible_setting(capsys): fails(capsys, ['train', 'toy', '--set', 'lr=-1'], 'argument --set', '`lr` must be a number in (0')
 def test_unknown_precision(capsys): fails(capsys, ['train', 'toy', '--precision', 'fp8'], 'argument --precision', "'bf16'")
 def test_epochs_not_positive(capsys): fails(capsys, ['train', 'toy', '--epochs', '0'], 'argument --epochs', 'positive integer')
 def test_epochs_not_a_number(capsys): fails(capsys, ['train', 'toy', '--epochs', 'ten'], 'argument --epochs', "'ten'")
@@ -74,7 +75,7 @@ def test_batch_size_below_contrastive_minimum(capsys):
 
 
 def test_batch_size_larger_than_data(capsys):
-    fails(capsys, ['train', 'toy', '--subset', '100', '--batch-size', '128'], 'argument --batch-size', '100 training items')
+    fails(capsys, ['train', 'toy', '--subset', '100', '--batch-size', '128'], 'argument --batch-size', 'larger than the 100 items')
 
 
 def test_subset_larger_than_data(capsys):
@@ -121,6 +122,40 @@ def test_resume_continues_from_the_run_config(capsys, tmp_path):
     assert 'finished' in capsys.readouterr().out
     ck = torch.load(out / 'checkpoint.pt', weights_only=True)
     assert ck['step'] == 4 and ck['seed'] == 4 and ck['preset'] == 'tiny'          # 1 epoch of 256 / 64
+
+
+class _Student(ToyInfoNCE):
+    "A second stage: the toy, plus the frozen encoder of a finished toy run as `teacher` (logged, not trained)."
+    name = 'test-cli-student'
+    requires = {'teacher': Requirement(method='toy', module='encoder')}
+
+    def training_step(self, batch):
+        out = super().training_step(batch)
+        with torch.no_grad(): z = self.teacher(self.to_input(batch['views']))
+        return {**out, 'teacher_norm': z.norm(dim=1).mean()}
+
+
+def test_from_run_copies_the_frozen_module_and_survives_its_deletion(capsys, run_dir, tmp_path):
+    register(_Student)
+    try:
+        first, out = tmp_path / 'first', tmp_path / 'second'
+        shutil.copytree(run_dir, first)
+        base = ['train', 'test-cli-student', '--preset', 'tiny', '--subset', '256', '--batch-size', '64', '--device',
+                'cpu', '--no-progress', '--out', str(out)]
+        fails(capsys, base, 'argument --from', "'teacher'")                        # the requirement is named
+        assert cli.main([*base, '--max-steps', '2', '--from', str(first)]) == 0
+        info = json.loads((out / 'config.json').read_text())
+        assert info['requires']['teacher']['path'] == str(first.resolve())
+        shutil.rmtree(first)                                                       # the first run is gone ...
+        back = cli.R.load_run(out, device='cpu')                                   # ... the second still loads
+        taught = cli.R.load_checkpoint(run_dir / 'checkpoint.pt')['model']
+        assert all(torch.equal(v, back.teacher.state_dict()[k.removeprefix('encoder.')])
+                   for k, v in taught.items() if k.startswith('encoder.'))
+        assert cli.main(['train', 'test-cli-student', '--resume', '--out', str(out), '--device', 'cpu',
+                         '--no-progress']) == 0                                     # ... and resumes without --from
+        assert torch.load(out / 'checkpoint.pt', weights_only=True)['step'] == 8      # 2 epochs of 256 / 64
+    finally:
+        METHODS.pop('test-cli-student', None)
 
 
 # ---- emi eval -------------------------------------------------------------------------------------------------

@@ -17,13 +17,14 @@ WORKER = textwrap.dedent('''
     import os, sys, torch
     import torch.distributed as dist
     from equivariant_mi.data import ImageSet
-    from equivariant_mi.training import ToyInfoNCE, fit
+    from equivariant_mi.methods.toy import ToyInfoNCE
+    from equivariant_mi.training import fit
 
     class Recording(ToyInfoNCE):
         "The toy, remembering the dataset indices of every batch this process draws."
-        def make_batch(self, data, idx):
+        def make_batch(self, data, idx, ctx):
             self.seen = getattr(self, 'seen', []) + [idx.clone()]
-            return super().make_batch(data, idx)
+            return super().make_batch(data, idx, ctx)
 
     def run(out, init_seed, **kw):
         torch.manual_seed(init_seed)                    # different initial weights per process and per run

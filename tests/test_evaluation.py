@@ -11,7 +11,7 @@ from equivariant_mi.data import load_dataset
 from equivariant_mi.evaluation import (PROBES, alignment, budget_indices, evaluate_features, evaluate_method,
                                        extract_features, format_results, gaussian_potential, mine_estimate,
                                        mlp_probe, ndm_estimate, read_eval, uniformity, write_eval)
-from equivariant_mi.training import build_method
+from equivariant_mi.method import build_method
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
