@@ -21,11 +21,12 @@ from ..utils import check_int, check_number, check_one_of
 __all__ = ['CHANNELS', 'P_OBJECTIVES', 'channel_terms', 'sample_vmf', 'policy_health', 'CRLTACConfig', 'CRLTAC',
            'p_gradient_diagnostic']
 
-# %% ../../nbs/12_crl_tac.ipynb #ffc34d91
+# %% ../../nbs/12_crl_tac.ipynb #3b8ccf1c
 def channel_terms(u: Tensor, log_w: Tensor | None = None, beta: float = 1.0, *, z: Tensor | None = None,
                   jensen: bool = False, include_same_t: bool = True, include_self: bool = True) -> Tensor:
-    r"""Per-anchor terms r_ij = num_ij - den_ij of objective (2) [N, m], so that `channel_objective` = sum_ij w_ij r_ij / N:
-    num = log sum_k w_ik e^{b z_ij.u_ik} (Jensen: sum_k w_ik b z_ij.u_ik), den = log 1/N sum_{i'k} w_i'k e^{b z_ij.u_i'k};
+    r"""Per-anchor terms r_ij = num_ij - den_ij of objective (2) [N, m]; `channel_objective` = sum_ij w_ij r_ij / N.
+    num = log sum_k w_ik e^{b z_ij.u_ik} (Jensen: sum_k w_ik b z_ij.u_ik),
+    den = log 1/N sum_{i'k} w_i'k e^{b z_ij.u_i'k};
     z = u (the mean approximation) unless vMF-sampled codes `z` [N, m, D] are given."""
     n, m, _ = u.shape
     u = F.normalize(u, dim=-1)
@@ -72,10 +73,11 @@ def sample_vmf(mu: Tensor, kappa: float) -> Tensor:
     v = F.normalize(v - (v * mu).sum(-1, keepdim=True) * mu, dim=-1)          # uniform on the tangent sphere
     return (w[:, None] * mu + (1 - w[:, None] ** 2).clamp_min(0).sqrt() * v).reshape(shape)
 
-# %% ../../nbs/12_crl_tac.ipynb #427fb2a3
+# %% ../../nbs/12_crl_tac.ipynb #cbf8d1d8
 def policy_health(log_p: Tensor, ink: Tensor, cell: Tensor | None = None) -> dict:
-    """P(T|X)'s health on a batch, from log P(t|x) [N, T]: mean entropy (nats), mean max probability, mass on crops that hold
-    ink (`ink` bool [N, T]), mass on crops touching the digit's cell (`cell` bool [N, T], placed-MNIST), distinct argmax crops."""
+    """P(T|X)'s health on a batch, from log P(t|x) [N, T]: mean entropy (nats), mean max probability, mass on the
+    crops holding ink (`ink` bool [N, T]), mass on the crops touching the digit's cell (`cell` bool [N, T],
+    placed-MNIST), number of distinct argmax crops."""
     p = log_p.detach().float().exp()
     out = {'p_entropy': -(p * log_p.detach().float().clamp_min(-1e30)).sum(-1).mean(),
            'p_max': p.max(-1).values.mean(),
@@ -84,13 +86,13 @@ def policy_health(log_p: Tensor, ink: Tensor, cell: Tensor | None = None) -> dic
     if cell is not None: out['p_cell_mass'] = (p * cell).sum(-1).mean()
     return out
 
-# %% ../../nbs/12_crl_tac.ipynb #34c4b39f
+# %% ../../nbs/12_crl_tac.ipynb #cd802e4b
 CHANNELS = ('learned', 'uniform', 'oracle')
 P_OBJECTIVES = ('mean', 'jensen', 'vmf', 'quadratic')
 
 @dataclass
 class CRLTACConfig(MethodConfig):
-    "CRL-TAC's settings: defaults are the paper's placed-MNIST run where it gives them; the rest are our choices (see chapter)."
+    "CRL-TAC's settings: the paper's placed-MNIST values where it gives them, our choices elsewhere (see the chapter)."
     # optimisation (not in the paper)
     lr: float = 1e-3                 # Adam on h = g o f: the usual rate for a small CNN on MNIST-sized inputs
     p_lr: float = 1e-3               # Adam on the P(T|X) net
@@ -109,20 +111,20 @@ class CRLTACConfig(MethodConfig):
     # objective (2)
     beta: float = 0.5                # kappa of p(z|T(x)) = C e^{beta z.h}; 0.5 placed-MNIST, 1.0 plain MNIST
     m: int = 8                       # samples of T per image in the h phase (SimCLR: 2)
-    channel: str = 'learned'         # 'learned' P(T|X); 'uniform' (SimCLR); 'oracle' (uniform on the crops inside the digit's cell)
-    oracle_cells: int = 3            # the canvas is oracle_cells x oracle_cells cells; 1 for plain MNIST (oracle = all crops)
-    h_bound: str = 'jensen'          # 'jensen' (the paper trains h on the Jensen bound) or 'exact' (logsumexp numerator)
+    channel: str = 'learned'         # 'learned' P(T|X); 'uniform' (SimCLR); 'oracle' (uniform inside the digit's cell)
+    oracle_cells: int = 3            # the canvas is k x k cells; 1 for plain MNIST (the oracle is then every crop)
+    h_bound: str = 'jensen'          # 'jensen' (the paper trains h on it) or 'exact' (logsumexp numerator)
     h_include_same_t: bool = False   # keep k = j in the h-phase numerator (a constant b under Jensen)
     include_self: bool = False       # keep the anchor itself in the denominator (SimCLR leaves it out)
     # P(T|X) phase: each candidate reading of Algorithm 1, line 7-8, is a field (see the chapter's derivation)
     lam: float = 0.0025              # weight of the entropy bonus lam * H(T|X) (paper: 0.0025)
     entropy_unit: str = 'nats'       # 'nats' or 'bits': the unit H(T|X) is measured in when lam multiplies it
-    marginal_entropy_weight: float = 0.0  # weight of H(T) over the batch (makes lam H(T|X) + this ... a mutual information)
-    p_objective: str = 'mean'        # 'mean' (Z = h(T(X))), 'jensen', 'vmf' (Z ~ vMF(h, beta)), 'quadratic' (2nd order in beta)
-    p_gradient: str = 'pathwise'     # 'pathwise': through every weight P(t|x); 'outer': only the outer E_{T|X} (exact-MI form)
-    p_sampling: str = 'uniform'      # 'uniform' (Algorithm 1: T ~ U, weights P(t|x)) or 'policy' (T ~ P, score function)
+    marginal_entropy_weight: float = 0.0  # weight of H(T), the batch's crop marginal: no crop preferred by every image
+    p_objective: str = 'mean'        # 'mean' (Z = h(T(X))), 'jensen', 'vmf' (Z ~ vMF(h, beta)), 'quadratic' (O(beta^2))
+    p_gradient: str = 'pathwise'     # 'pathwise': through every weight P(t|x); 'outer': the outer E_{T|X} only
+    p_sampling: str = 'uniform'      # 'uniform' (Algorithm 1: T ~ U, weights P(t|x)); 'policy' (T ~ P, score function)
     p_crops: int = 8                 # crops per image in the P phase; 0 = all of them (the exact sum over T)
-    p_include_same_t: bool = True    # keep t' = t in the P-phase numerator (the obvious reading; it rewards concentration)
+    p_include_same_t: bool = True    # keep t' = t in the P-phase numerator (the literal reading; rewards concentration)
     p_baseline: bool = True          # 'policy' sampling: subtract the leave-one-out mean reward of the image
     vmf_samples: int = 1             # draws of Z per crop under p_objective='vmf'
     h_every: int = 1                 # the h phase steps every h_every steps ...
@@ -149,7 +151,8 @@ class CRLTACConfig(MethodConfig):
             raise ValueError(f"`oracle_cells` must split the {self.image_size}-px image into cells of at least `crop` = "
                              f"{self.crop} px, got {self.oracle_cells}")
         if not self.h_include_same_t and self.m < 2:
-            raise ValueError(f"`m` must be >= 2 when `h_include_same_t` is False (a positive needs a second crop), got {self.m}")
+            raise ValueError(f"`m` must be >= 2 when `h_include_same_t` is False (a positive needs a second crop), "
+                             f"got {self.m}")
         if self.p_sampling == 'policy' and self.p_crops == 0:
             raise ValueError("`p_crops` must be >= 1 with p_sampling='policy' (the number of crops drawn from P)")
         if self.p_sampling == 'policy' and self.p_objective == 'quadratic':
@@ -157,7 +160,7 @@ class CRLTACConfig(MethodConfig):
         if self.p_crops == 1 or (self.p_crops == 0 and grid.n < 2):
             raise ValueError(f"`p_crops` must be 0 (all) or >= 2, got {self.p_crops}")
 
-# %% ../../nbs/12_crl_tac.ipynb #800832f4
+# %% ../../nbs/12_crl_tac.ipynb #6b507651
 _PLACED = {'image_size': 84, 'oracle_cells': 3}
 _MNIST = {'image_size': 28, 'oracle_cells': 1, 'beta': 1.0}
 _SIMCLR = {'channel': 'uniform', 'm': 2}
@@ -169,7 +172,7 @@ _CANDIDATE = {'p_include_same_t': False, 'p_gradient': 'outer', 'p_crops': 32, '
 
 @register
 class CRLTAC(Method):
-    "CRL-TAC: h = g o f on the sphere trained on objective (2) with crops T ~ P(T|X), and the P(T|X) net trained on it too."
+    "CRL-TAC: h = g o f on the sphere trained on objective (2) with crops T ~ P(T|X); the P(T|X) net trained on it too."
     name = 'crl-tac'
     Config = CRLTACConfig
     presets = {'placed-mnist': dict(_PLACED), 'placed-mnist-simclr': {**_PLACED, **_SIMCLR},
