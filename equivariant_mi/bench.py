@@ -4,10 +4,12 @@
 
 # %% auto #0
 __all__ = ['bench_images', 'PILPerspective', 'time_steps', 'gpu_pipeline', 'time_loader', 'bench_pipeline', 'format_table',
-           'main']
+           'BenchArgumentError', 'preset_dataset', 'random_imageset', 'method_data', 'StepClock', 'pil_make_batch',
+           'plan_train', 'bench_train', 'format_train_table', 'build_parser', 'main']
 
 # %% ../nbs/05b_bench.ipynb #120a81d8
-import argparse, os, platform, random, sys, time, warnings
+import argparse, math, os, platform, random, sys, tempfile, time, warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,7 +18,8 @@ import torchvision.transforms.functional as TF
 from torchvision.transforms import InterpolationMode
 
 from .transforms import projective_from_uniform, warp, matrix_to_t, uniform
-from .utils import check_int, check_one_of, resolve_device, write_json
+from .method import replace_config
+from .utils import check_int, check_number, check_one_of, resolve_device, write_json
 
 # %% ../nbs/05b_bench.ipynb #0a7d8853
 def bench_images(data='auto'):
@@ -40,16 +43,17 @@ def bench_images(data='auto'):
 # %% ../nbs/05b_bench.ipynb #40cdaa32
 class PILPerspective(Dataset):
     """Reference pipeline, one image per call as AVT's loader: PIL image, random corners,
-    torchvision's PIL perspective warp; returns (uint8 [C,H,W], t [8])."""
+    torchvision's PIL perspective warp; returns (uint8 [C,H,W], t [8]), or (original, warped, t) with `pair`."""
     def __init__(self, images, max_translate=0.125, scale=(0.8, 1.2), quarter_turns=(0, 1, 2, 3), corner_jitter=0.0,
-                 length=10 ** 7):
+                 length=10 ** 7, pair=False, fill=0):
         self.images, self.max_translate, self.scale, self.turns = images, max_translate, scale, list(quarter_turns)
-        self.corner_jitter, self.length = corner_jitter, length
+        self.corner_jitter, self.length, self.pair, self.fill = corner_jitter, length, pair, fill
 
     def __len__(self): return self.length
 
     def __getitem__(self, k):
-        img = TF.to_pil_image(self.images[k % len(self.images)])
+        x = self.images[k % len(self.images)]
+        img = TF.to_pil_image(x)
         w, h = img.size
         m, cj = self.max_translate, self.corner_jitter
         tx, ty = random.uniform(-m, m), random.uniform(-m, m)
@@ -59,14 +63,16 @@ class PILPerspective(Dataset):
         dst = [(c * x + sn * y + 2 * tx, -sn * x + c * y + 2 * ty) for x, y in src]
         if cj: dst = [(u + 2 * random.uniform(-cj, cj), v + 2 * random.uniform(-cj, cj)) for u, v in dst]
         pixels = lambda pts: [[(x + 1) / 2 * w, (y + 1) / 2 * h] for x, y in pts]
-        out = TF.perspective(img, pixels(src), pixels(dst), interpolation=InterpolationMode.BILINEAR)
+        out = TF.perspective(img, pixels(src), pixels(dst), interpolation=InterpolationMode.BILINEAR,
+                             fill=[self.fill] * len(img.getbands()))
         # 8x8 solve for the coefficients, as AVT's find_coeffs
         if cj:
             A = [[x, y, 1, 0, 0, 0, -u * x, -u * y] for (x, y), (u, v) in zip(src, dst)] + \
                 [[0, 0, 0, x, y, 1, -v * x, -v * y] for (x, y), (u, v) in zip(src, dst)]
             t = np.linalg.solve(np.array(A), np.array([u for u, v in dst] + [v for u, v in dst]))
         else: t = [c, sn, 2 * tx, -sn, c, 2 * ty, 0.0, 0.0]
-        return TF.pil_to_tensor(out), torch.tensor(t, dtype=torch.float32)
+        t = torch.tensor(t, dtype=torch.float32)
+        return (x, TF.pil_to_tensor(out), t) if self.pair else (TF.pil_to_tensor(out), t)
 
 # %% ../nbs/05b_bench.ipynb #623092da
 def _sync(device):
@@ -177,7 +183,259 @@ def format_table(header, rows):
                      f"{r['ms_per_batch']:>11.2f}{r['warmup_s']:>11.2f}")
     return '\n'.join(lines)
 
-# %% ../nbs/05b_bench.ipynb #b14b751e
+# %% ../nbs/05b_bench.ipynb #8821b965
+class BenchArgumentError(ValueError):
+    "A benchmark argument the library refused before anything was timed (main: one line, exit status 2)."
+
+
+def preset_dataset(cls, preset: str = 'default'):
+    """(data set name or None, (C, H, W)) of a method preset: the data set its name starts with, else the one of
+    the config's image shape; the shape is the data set's own, else the config's."""
+    from equivariant_mi.data import DATASETS, _SHAPES
+    overrides = cls.all_presets().get(preset)
+    if overrides is None:
+        raise ValueError(f"`preset` must be one of {sorted(cls.all_presets())} for method {cls.name!r}, got {preset!r}")
+    cfg = replace_config(cls.Config(), **overrides)
+    conf = (cfg.in_channels, cfg.image_size) if hasattr(cfg, 'in_channels') and hasattr(cfg, 'image_size') else None
+    name = next((n for n in sorted(DATASETS, key=len, reverse=True) if preset == n or preset.startswith(n + '-')),
+                None)
+    if name is None and conf is not None: name = next((n for n, s in _SHAPES.items() if s == conf), None)
+    c, s = _SHAPES.get(name) or conf or (None, None)
+    if c is None:
+        raise ValueError(f"cannot tell which images method {cls.name!r} preset {preset!r} takes: name a data set "
+                         f"with `data`")
+    return name, (c, s, s)
+
+
+def random_imageset(shape, n: int, n_classes: int = 10, seed: int = 0):
+    "An ImageSet of n uniformly random uint8 images of `shape` (C, H, W) with uniform labels in [0, n_classes)."
+    from equivariant_mi.data import ImageSet
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, *shape), dtype=torch.uint8, generator=g)
+    return ImageSet(x, torch.randint(0, n_classes, (n,), generator=g), name='random', split='train',
+                    source='random uint8')
+
+
+def method_data(cls, preset: str = 'default', data: str = 'auto', n_random: int = 10_000, seed: int = 0):
+    """(ImageSet, one line saying what it is) to benchmark a method preset on: its data set from disk ('auto',
+    or a data set name), or random images of its shape ('random', or 'auto' when the data set is missing)."""
+    from equivariant_mi.data import DATASETS, canonical_name, load_dataset
+    name, shape = preset_dataset(cls, preset)
+    why = ''
+    if data not in ('auto', 'random'):
+        try: name = canonical_name(data)
+        except ValueError: raise ValueError(f"`data` must be 'auto', 'random' or a data set name, one of "
+                                            f"{list(DATASETS)}, got {data!r}") from None
+        try: ds = load_dataset(name, 'train', download=False)
+        except FileNotFoundError as e: raise ValueError(f"`data` {name!r} is not on disk here: {e}") from None
+        return ds, f'{name} train, {len(ds)} x {tuple(ds.images.shape[1:])} uint8, from {ds.source}'
+    if data == 'auto' and name is not None:
+        try:
+            ds = load_dataset(name, 'train', download=False)
+            return ds, f'real {name} train images, {len(ds)} x {tuple(ds.images.shape[1:])} uint8, from {ds.source}'
+        except FileNotFoundError: why = f'; {name} is not on disk here'
+    k = getattr(replace_config(cls.Config(), **cls.all_presets()[preset]), 'n_classes', None) or \
+        (100 if name == 'cifar100' else 10)
+    ds = random_imageset(shape, n_random, k, seed)
+    return ds, (f'random images of shape {shape} (uint8, {n_random} of them, labels uniform over {k} classes; '
+                f'the speed is real, the pixels mean nothing{why})')
+
+# %% ../nbs/05b_bench.ipynb #a40035b1
+class StepClock:
+    "fit's on_step: untimed `warmup` steps, then `steps` steps (or `seconds` of them), samples and CUDA peak memory."
+    def __init__(self, method, device, warmup: int = 3, steps: int | None = None, seconds: float = 1.0,
+                 min_steps: int = 3):
+        self.method, self.device, self.warmup, self.steps = method, torch.device(device), warmup, steps
+        self.seconds, self.min_steps = seconds, min_steps
+        self.start, self.t0, self.elapsed, self.warmup_s, self.peak = time.perf_counter(), None, None, None, None
+        self.n, self.samples, self.batches = 0, 0, set()
+
+    def __call__(self, ctx) -> bool:
+        done = ctx.step + 1                                          # steps finished so far
+        if done < self.warmup: return False
+        if done == self.warmup:
+            _sync(self.device)
+            if self.device.type == 'cuda': torch.cuda.reset_peak_memory_stats(self.device)
+            self.t0 = time.perf_counter(); self.warmup_s = self.t0 - self.start
+            return False
+        b = self.method.batch_size_for(ctx.epoch)
+        self.n, self.samples = self.n + 1, self.samples + b
+        self.batches.add(b)
+        stop = self.n >= self.steps if self.steps else \
+            self.n >= self.min_steps and time.perf_counter() - self.t0 >= self.seconds
+        if stop: self.stop()
+        return stop
+
+    def stop(self):
+        "Synchronise and read the clock and the memory peak."
+        _sync(self.device)
+        self.elapsed = time.perf_counter() - self.t0
+        if self.device.type == 'cuda': self.peak = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
+
+    def row(self, **kw) -> dict:
+        "The measurement as a table row (with `kw` first)."
+        if not self.n:
+            raise RuntimeError(f"the run ended during the {self.warmup} warm-up steps: nothing was timed")
+        if self.elapsed is None: self.stop()                         # the run ended before the clock said stop
+        return dict(kw, batch='/'.join(map(str, sorted(self.batches))), samples_per_s=self.samples / self.elapsed,
+                    ms_per_step=1e3 * self.elapsed / self.n, peak_mib=self.peak, warmup_s=self.warmup_s, steps=self.n)
+
+# %% ../nbs/05b_bench.ipynb #7a747445
+def pil_make_batch(method, images, batch: int, workers: int, device):
+    """(make_batch, loader iterator): VTE batches {'x', 'tx', 't'} from PILPerspective in a DataLoader with
+    `workers` processes, per-image PIL warps of the method's family, as the authors' code makes them."""
+    c, device = method.config, torch.device(device)
+    ds = PILPerspective(images.cpu(), c.max_translate, tuple(c.scale), tuple(c.quarter_turns), c.corner_jitter,
+                        pair=True, fill=round(255 * c.fill))
+    with warnings.catch_warnings():                                  # more workers than cores is the point of a row
+        warnings.filterwarnings('ignore', message='This DataLoader will create')
+        it = iter(DataLoader(ds, batch_size=batch, num_workers=workers, pin_memory=device.type == 'cuda',
+                             drop_last=True))
+    def make_batch(data, idx, ctx=None):
+        x, tx, t = (v.to(device, non_blocking=True) for v in next(it))
+        return {'x': method.inputs(x), 'tx': method.inputs(tx), 't': method.standardize(t)}
+    return make_batch, it
+
+# %% ../nbs/05b_bench.ipynb #bdcf87d4
+def _device_line(device, what):
+    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine()
+    load = f', load average {os.getloadavg()[0]:.1f}' if hasattr(os, 'getloadavg') else ''
+    return (f'{what} on {device} ({name}); torch {torch.__version__}, {os.cpu_count()} CPU cores, '
+            f'{torch.get_num_threads()} torch threads{load}')
+
+
+def _precision_name(device, precision):
+    from equivariant_mi.training import amp_settings
+    dtype, scaler = amp_settings(device, precision)
+    return {None: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}[dtype]
+
+
+def _stage1_runs(cls, preset, data, settings, device, folder, seed):
+    "{key: run dir}: a one-step run of each method `cls` requires (the weights do not change the speed)."
+    from equivariant_mi.method import build_method
+    from equivariant_mi.training import fit
+    runs = {}
+    for key, req in cls.requires.items():
+        if req.method is None: raise ValueError(f"method {cls.name!r} needs a run for {key!r}: pass `from_runs`")
+        m = build_method(req.method, preset, data=data, **settings)
+        fit(m, data, epochs=1, out=Path(folder) / key, batch_size=16, max_steps=1, device=device,
+            precision='fp32', progress=False, seed=seed)
+        runs[key] = Path(folder) / key
+    return runs
+
+
+def _is_vte(cls):
+    from equivariant_mi.methods.vte import VTEBase
+    return issubclass(cls, VTEBase)
+
+
+def plan_train(methods, preset='default', batch_sizes=None, precision='auto', device=None, data='auto',
+               settings=None, from_runs=None, n_random=None, seed=0, workdir=None):
+    """Check every argument with the library's own checks (ValueError naming it) before anything is timed; make the
+    one-step runs that methods require (in `workdir`) unless `from_runs` names them.
+    Returns ([(method class, data, what, batch sizes, from_runs)], device, precision name)."""
+    from equivariant_mi.method import build_method, get_method
+    from equivariant_mi.training import check_fit
+    device, settings = resolve_device(device), dict(settings or {})
+    if isinstance(methods, str): methods = [methods]
+    for b in batch_sizes or []: check_int('batch_sizes', b)
+    check_int('n_random', n_random, allow_none=True)
+    prec = _precision_name(device, precision)
+    n_random = n_random or max(10_000, 2 * max(batch_sizes or [1]))
+    plan = []
+    for name in methods:
+        cls = get_method(name)
+        ds, what = method_data(cls, preset, data, n_random, seed)
+        m = build_method(name, preset, data=ds, **settings)
+        m.check_images(ds.images)
+        sizes = list(batch_sizes) if batch_sizes else sorted({m.batch_size_for(e) for e in range(m.config.epochs)})
+        runs = {k: v for k, v in (from_runs or {}).items() if k in cls.requires}
+        if set(runs) != set(cls.requires):
+            if workdir is None: raise ValueError(f"method {cls.name!r} needs `from_runs` for {sorted(cls.requires)}")
+            made = _stage1_runs(cls, preset, ds, settings, device, Path(workdir) / name, seed)
+            what += (f"; {', '.join(sorted(set(made) - set(runs)))}: a one-step "
+                     f"{'/'.join(sorted({r.method for r in cls.requires.values()}))} run made for the benchmark")
+            runs = {**made, **runs}
+        for b in sizes: check_fit(build_method(name, preset, data=ds, **settings), ds, batch_size=b, device=device,
+                                  precision=precision, from_runs=runs)
+        plan.append((cls, ds, what, sizes, runs))
+    return plan, device, prec
+
+
+def _time_fit(name, preset, data, settings, batch, clock_kw, fit_kw, batches=None):
+    """A fresh method through fit with a StepClock; returns the clock. `batches(method)` -> (make_batch, loader
+    iterator) swaps in another batch source (the authors' rows)."""
+    from equivariant_mi.method import build_method
+    from equivariant_mi.training import fit, seed_everything
+    seed_everything(fit_kw.get('seed', 0))
+    m = build_method(name, preset, data=data, **settings)
+    need = clock_kw['warmup'] + (clock_kw['steps'] or 10_000)        # enough epochs that the clock ends the run
+    epochs = max(m.config.epochs, math.ceil(need / max(1, len(data) // batch)))
+    clock, loader = StepClock(m, fit_kw['device'], **clock_kw), None
+    if batches is not None: m.make_batch, loader = batches(m)
+    try: fit(m, data, epochs, None, batch_size=batch, progress=False, on_step=clock, **fit_kw)
+    finally:
+        m.__dict__.pop('make_batch', None); del loader               # the loader's workers shut down
+    return clock
+
+
+def bench_train(methods, preset='default', batch_sizes=None, precision='auto', compile=False, device=None,
+                data='auto', settings=None, from_runs=None, warmup=None, steps=None, seconds=None,
+                workers=(4, 2), reference=True, n_random=None, seed=0, log=None):
+    """Samples/s, ms/step and CUDA peak memory of fit's training step for each method and batch size
+    (VTE models: also the authors' fp32 PIL-loader configuration at each worker count): (header lines, rows)."""
+    say = log or (lambda s: None)
+    with tempfile.TemporaryDirectory(prefix='emi-bench-') as tmp:
+        try:                                                         # every refusal before any timing
+            for w in workers: check_int('workers', w, 0)
+            check_int('warmup', warmup, allow_none=True); check_int('steps', steps, allow_none=True)
+            check_number('seconds', seconds, 0, open_low=True, allow_none=True)
+            plan, device, prec = plan_train(methods, preset, batch_sizes, precision, device, data, settings,
+                                            from_runs, n_random, seed, tmp)
+        except BenchArgumentError: raise
+        except ValueError as e: raise BenchArgumentError(str(e)) from e
+        warmup = warmup or (5 if device.type == 'cuda' else 2)
+        seconds = seconds or (3.0 if device.type == 'cuda' else 2.0)
+        clock_kw = dict(warmup=warmup, steps=steps, seconds=seconds)
+        header = [_device_line(device, 'training-step benchmark: fit'),
+                  f'precision {precision} -> {prec}, torch.compile {"on" if compile else "off"}; {warmup} warm-up '
+                  f'steps, then ' + (f'{steps} timed steps' if steps else f'{seconds:g} s') + ' per row',
+                  'step = make_batch (transforms on the device) + training_step + backward + optimiser step of each '
+                  'due phase, inside fit; samples/s = data-set images consumed per second']
+        rows = []
+        for cls, ds, what, sizes, runs in plan:
+            header.append(f'{cls.name} --preset {preset}: {what}; data set on the device: '
+                          f'{ds.images.numel() / 2 ** 20:.0f} MiB')
+            fit_kw = dict(device=device, precision=precision, compile=compile, seed=seed, from_runs=runs or None)
+            for b in sizes:
+                say(f'timing {cls.name} at batch {b} ...')
+                label = 'ours: fit' + (' + torch.compile' if compile else '')
+                clock = _time_fit(cls.name, preset, ds, settings or {}, b, clock_kw, fit_kw)
+                rows.append(clock.row(method=cls.name, pipeline=label, precision=prec))
+                if not (reference and _is_vte(cls)): continue
+                for w in workers:
+                    say(f"timing {cls.name} at batch {b}, the authors' configuration with {w} workers ...")
+                    clock = _time_fit(cls.name, preset, ds, settings or {}, b, clock_kw,
+                                      dict(fit_kw, precision='fp32', compile=False),
+                                      batches=lambda m: pil_make_batch(m, ds.images, b, w, device))
+                    rows.append(clock.row(method=cls.name, pipeline=f"authors': PIL loader, {w} worker"
+                                                                    f"{'s' * (w != 1)}, fp32",
+                                          precision='fp32'))
+    return header, rows
+
+# %% ../nbs/05b_bench.ipynb #98c5f4c9
+def format_train_table(header, rows):
+    "The header lines and a fixed-width table of bench_train's rows."
+    lines = list(header) + ['', f"{'method':<17}{'pipeline':<38}{'batch':>8}{'prec':>6}{'samples/s':>12}"
+                                f"{'ms/step':>10}{'peak MiB':>10}{'warm-up s':>11}{'steps':>7}"]
+    for r in rows:
+        peak = '-' if r['peak_mib'] is None else f"{r['peak_mib']:,.0f}"
+        lines.append(f"{r['method']:<17}{r['pipeline']:<38}{r['batch']:>8}{r['precision']:>6}"
+                     f"{r['samples_per_s']:>12,.0f}{r['ms_per_step']:>10.2f}{peak:>10}{r['warmup_s']:>11.2f}"
+                     f"{r['steps']:>7}")
+    return '\n'.join(lines)
+
+# %% ../nbs/05b_bench.ipynb #a30cf560
 def _int_arg(low):
     "An argparse type for an integer >= `low`: `check_int`'s rule, its ValueError turned into argparse's message."
     def parse(s):
@@ -185,38 +443,107 @@ def _int_arg(low):
         except ValueError: raise argparse.ArgumentTypeError(f'must be an integer >= {low}, got {s!r}') from None
     return parse
 
-def main(argv=None):
-    """Command line: `python -m equivariant_mi.bench pipeline [--quick] [--device cuda] [--compile] ...` prints the
-    table."""
-    p = argparse.ArgumentParser(prog='python -m equivariant_mi.bench', description='Benchmarks of equivariant_mi.')
+
+def _seconds_arg(s):
+    try: v = float(s)
+    except ValueError: v = -1.0
+    if not v > 0: raise argparse.ArgumentTypeError(f'must be a number of seconds > 0, got {s!r}')
+    return v
+
+
+def build_parser():
+    "The parser of `python -m equivariant_mi.bench {pipeline, train}`; a bad value raises cli.UsageError."
+    from equivariant_mi.cli import _Parser, _setting, _setting_or_path
+    from equivariant_mi.training import PRECISIONS
+    p = _Parser(prog='python -m equivariant_mi.bench', description='Benchmarks of equivariant_mi.')
     sub = p.add_subparsers(dest='bench', required=True)
     q = sub.add_parser('pipeline', help='images/s: batched projective warp on the device vs a PIL DataLoader')
     q.add_argument('--quick', action='store_true', help='0.2 s per row and loader batches of 64 (for tests)')
     q.add_argument('--device', default=None, help='cuda or cpu (default: cuda when available)')
-    q.add_argument('--batches', type=_int_arg(1), nargs='+', default=[512, 4096], help='batch sizes of the device '
-                                                                                       'pipeline')
+    q.add_argument('--batches', type=_int_arg(1), nargs='+', default=[512, 4096],
+                   help='batch sizes of the device pipeline')
     q.add_argument('--workers', type=_int_arg(0), nargs='+', default=[0, 2, 4, 16], help='DataLoader worker counts')
-    q.add_argument('--loader-batch', type=_int_arg(1), default=None, help='DataLoader batch size (default 256, 64 '
-                                                                          'with --quick)')
-    q.add_argument('--data', choices=['auto', 'mnist', 'random'], default='auto', help='real MNIST (auto: if '
-                                                                                       'available) or random pixels')
-    q.add_argument('--seconds', type=float, default=None, help='timed seconds per row (default 2 on CUDA, 1 on CPU)')
+    q.add_argument('--loader-batch', type=_int_arg(1), default=None,
+                   help='DataLoader batch size (default 256, 64 with --quick)')
+    q.add_argument('--data', choices=['auto', 'mnist', 'random'], default='auto',
+                   help='real MNIST (auto: if available) or random pixels')
+    q.add_argument('--seconds', type=_seconds_arg, default=None,
+                   help='timed seconds per row (default 2 on CUDA, 1 on CPU)')
     q.add_argument('--corner-jitter', type=float, default=0.0, help="AVT's corner jitter (0.125 in its code)")
     q.add_argument('--compile', action='store_true', help='add torch.compile rows for the device pipeline')
-    q.add_argument('--compile-modes', nargs='+', default=['default', 'reduce-overhead'], help='torch.compile modes '
-                                                                                              'to try')
-    q.add_argument('--threads', type=_int_arg(1), default=None,
-                   help='torch CPU threads of the main process (1 can be faster on a CPU shared with other work)')
-    q.add_argument('--seed', type=int, default=0)
-    q.add_argument('--json', default=None, help='also write the header and rows to this JSON file')
-    a = p.parse_args(argv)
-    if a.threads: torch.set_num_threads(a.threads)
-    header, rows = bench_pipeline(a.device, a.batches, a.workers, a.loader_batch, a.data, a.seconds, a.quick,
-                                  a.corner_jitter, a.compile, a.compile_modes, a.seed,
-                                  log=lambda s: print(s, file=sys.stderr, flush=True))
-    print(format_table(header, rows), flush=True)
+    q.add_argument('--compile-modes', nargs='+', default=['default', 'reduce-overhead'],
+                   help='torch.compile modes to try')
+    for s in (q, t := sub.add_parser('train', help="samples/s, ms/step and peak memory of a method's training step "
+                                                   "through fit")):
+        s.add_argument('--threads', type=_int_arg(1), default=None,
+                       help='torch CPU threads of the main process (1 can be faster on a CPU shared with other work)')
+        s.add_argument('--seed', type=int, default=0)
+        s.add_argument('--json', default=None, help='also write the header and rows to this JSON file')
+    t.add_argument('methods', nargs='+', metavar='METHOD', help='registered method name(s), e.g. toy vte-pt avt')
+    t.add_argument('--preset', default='default', help="the methods' preset (default: 'default')")
+    t.add_argument('--batch-sizes', type=_int_arg(1), nargs='+', default=None,
+                   help="batch sizes to time (default: those of the preset's batch schedule)")
+    t.add_argument('--precision', choices=PRECISIONS, default='auto', help="fit's precision (auto: bf16/fp16 on CUDA)")
+    t.add_argument('--compile', action='store_true', help='fit(compile=True): torch.compile the training step')
+    t.add_argument('--device', default=None, help='cuda, cuda:1 or cpu (default: cuda when available)')
+    t.add_argument('--data', default='auto',
+                   help="auto (the preset's data set, random images of its shape when missing), random, or a name")
+    t.add_argument('--set', dest='settings', type=_setting, action='append', default=[], metavar='KEY=VALUE',
+                   help='override a config field of the preset')
+    t.add_argument('--from', dest='from_runs', type=_setting_or_path, action='append', default=[],
+                   metavar='[KEY=]RUN', help='a real run a method requires (default: a one-step run made for it)')
+    t.add_argument('--warmup', type=_int_arg(1), default=None, help='untimed steps per row (default 5 CUDA, 2 CPU)')
+    t.add_argument('--steps', type=_int_arg(1), default=None, help='timed steps per row (default: --seconds of them)')
+    t.add_argument('--seconds', type=_seconds_arg, default=None, help='timed seconds per row (default 3 CUDA, 2 CPU)')
+    t.add_argument('--workers', type=_int_arg(0), nargs='+', default=[4, 2],
+                   help="DataLoader workers of the authors' rows (VTE models)")
+    t.add_argument('--no-reference', action='store_true', help="skip the authors' rows")
+    t.add_argument('--n-random', type=_int_arg(1), default=None,
+                   help='how many random images stand in for a missing data set (default max(10000, 2 x batch))')
+    return p
+
+
+def _from_args(pairs, methods):
+    "--from values as {requirement: run}; a bare RUN names the only requirement of the methods given."
+    from equivariant_mi.method import get_method
+    try: keys = sorted({k for m in methods for k in get_method(m).requires})
+    except ValueError as e: raise BenchArgumentError(str(e)) from None
+    out = {}
+    for k, v in pairs:
+        if k is None:
+            if len(keys) != 1:
+                raise BenchArgumentError(f"`from_runs`: the methods require {keys or 'no other run'}; write --from "
+                                         f"KEY=RUN")
+            k = keys[0]
+        out[k] = v
+    return out
+
+
+def main(argv=None) -> int:
+    """Command line: `python -m equivariant_mi.bench pipeline ...` or `... train METHOD ...` prints the table;
+    a bad argument is one line on stderr and exit status 2."""
+    from equivariant_mi.cli import UsageError
+    say = lambda s: print(s, file=sys.stderr, flush=True)
+    try:
+        a = build_parser().parse_args(argv)
+        if a.threads: torch.set_num_threads(a.threads)
+        if a.bench == 'pipeline':
+            header, rows = bench_pipeline(a.device, a.batches, a.workers, a.loader_batch, a.data, a.seconds, a.quick,
+                                          a.corner_jitter, a.compile, a.compile_modes, a.seed, log=say)
+            table = format_table(header, rows)
+        else:
+            header, rows = bench_train(a.methods, a.preset, a.batch_sizes, a.precision, a.compile, a.device, a.data,
+                                       dict(a.settings), _from_args(a.from_runs, a.methods), a.warmup, a.steps,
+                                       a.seconds, a.workers, not a.no_reference, a.n_random, a.seed, log=say)
+            table = format_train_table(header, rows)
+    except (UsageError, BenchArgumentError) as err:
+        msg, prog = ' '.join(str(err).split()), 'python -m equivariant_mi.bench'
+        where, msg = msg.split(': ', 1) if msg.startswith(prog) else (prog, msg)     # argparse's: 'prog train: ...'
+        print(f"{where}: error: {msg}", file=sys.stderr)
+        return 2
+    print(table, flush=True)
     if a.json: write_json(a.json, dict(header=header, rows=rows))
-    return rows
+    return 0
 
 # `python -m equivariant_mi.bench`, not a notebook
-if __name__ == '__main__' and sys.argv[0].endswith('bench.py'): main()
+if __name__ == '__main__' and sys.argv[0].endswith('bench.py'): sys.exit(main())
