@@ -27,7 +27,7 @@ ESTIMATORS = ('infonce', 'jsd', 'dv')
 
 
 def mi_lower_bound(scores: torch.Tensor, estimator: str = 'infonce') -> torch.Tensor:
-    "DIM's MI estimate from scores [B, B] or [B, B, M] (row i: global feature i): InfoNCE (eq. 5), JSD (eq. 4) or DV (eq. 2)."
+    "DIM's MI estimate from scores [B, B] or [B, B, M] (row i: global feature i): InfoNCE (eq. 5), JSD (4), DV (2)."
     check_one_of('estimator', estimator, ESTIMATORS)
     if estimator == 'infonce': return infonce_bound(scores)
     if estimator == 'jsd': return jsd_bound(scores, exclude_positives=True)   # App. A.3: positives left out
@@ -39,19 +39,20 @@ GENERATOR_LOSSES = ('non-saturating', 'minimax')
 
 def prior_discriminator_loss(d_prior: torch.Tensor, d_encoder: torch.Tensor):
     "(loss, D-hat) of eq. 7 from D's logits on prior draws v ~ V and on (detached) encoder outputs y: loss = -D-hat."
-    d_hat = -F.softplus(-d_prior.float()).mean() - F.softplus(d_encoder.float()).mean()  # E log sig(D(v)) + E log(1-sig(D(y)))
+    # E log sig(D(v)) + E log(1 - sig(D(y))), with log sig(t) = -sp(-t) and log(1 - sig(t)) = -sp(t)
+    d_hat = -F.softplus(-d_prior.float()).mean() - F.softplus(d_encoder.float()).mean()
     return -d_hat, d_hat
 
 
 def prior_encoder_loss(d_encoder: torch.Tensor, kind: str = 'non-saturating') -> torch.Tensor:
-    "What the encoder minimises against D: 'minimax' E log(1 - sig(D(y))) (eq. 7), or 'non-saturating' -E log sig(D(y))."
+    "The encoder's loss against D: 'minimax' E log(1 - sig(D(y))) (eq. 7), 'non-saturating' -E log sig(D(y))."
     check_one_of('generator_loss', kind, GENERATOR_LOSSES)
     d = d_encoder.float()
     return -F.softplus(d).mean() if kind == 'minimax' else F.softplus(-d).mean()
 
 
 def gradient_penalty(disc: nn.Module, points: torch.Tensor) -> torch.Tensor:
-    "E ||grad_v D(v)||^2 at `points` (detached), differentiable in D's parameters: the penalty of Mescheder et al. 2018."
+    "E ||grad_v D(v)||^2 at `points` (detached), differentiable in D's parameters (Mescheder et al. 2018)."
     v = points.detach().requires_grad_(True)
     with torch.enable_grad():
         out = disc(v)
@@ -60,7 +61,7 @@ def gradient_penalty(disc: nn.Module, points: torch.Tensor) -> torch.Tensor:
 
 # %% ../../nbs/10_dim.ipynb #e04b5e45
 def occlude(x: torch.Tensor, block: int = 10, generator: torch.Generator | None = None) -> torch.Tensor:
-    "Zero one random rectangle per image, sides in [block, size - block]: >= 1 block x block square hidden, >= 1 visible."
+    "Zero one random rectangle per image, sides in [block, size - block]: a block x block square hidden, one visible."
     x = check_images(x, 'x', dtype='float')
     B, _, H, W = x.shape
     check_int('block', block, 1, min(H, W) // 2)
@@ -152,15 +153,15 @@ class DIMConfig(MethodConfig):
     image_size: int = 32                # side of the stored images (fit and the CLI fill it from the data)
     crop_size: int | None = None        # train on random crops of this side (STL-10: 64); features read the centre crop
     flip: bool = False                  # random horizontal flips of the crops (STL-10)
-    widths: tuple | None = None         # conv channels; None: the paper's (DCGAN 64-128-256, AlexNet 96-192-384-384-192)
+    widths: tuple | None = None         # conv channels; None: the paper's (DCGAN 64-128-256, AlexNet 96-...-192)
     fc_dim: int = 1024                  # DCGAN: one fully connected layer of 1024; AlexNet: two of this width (4096)
     y_dim: int = 64                     # Y, the representation that is matched to the prior
     local_layer: int | None = None      # conv block giving the local map; None: next-to-last (DCGAN), third (AlexNet)
-    y_sigmoid: bool = True              # Y = sigmoid(linear), in [0, 1]^64 like the prior (the code applies it before D)
+    y_sigmoid: bool = True              # Y = sigmoid(linear), in [0, 1]^64 like the prior (the code: before D only)
     # the critics (App. A.2)
     local_critic: str = 'encode_dot'    # 'encode_dot' (Tables 8-9; Tables 1, 2, 5) or 'concat_conv' (Table 7; Table 4)
     embed_dim: int = 2048               # width of the encode-and-dot embeddings
-    score_scale: float | None = 1.0     # encode-and-dot scores times this: 1.0 the paper's raw products; None: 1/sqrt(D)
+    score_scale: float | None = 1.0     # encode-and-dot scores times this: 1.0 = the paper's raw products; None: D^-1/2
     critic_hidden: int = 512            # hidden width of the global critic (Table 6) and concat-and-convolve (Table 7)
     # prior matching, eq. 7 (Table 10)
     prior_hidden: tuple = (1000, 200)   # the discriminator's hidden layers
@@ -192,7 +193,8 @@ class DIMConfig(MethodConfig):
             check_int(k, getattr(self, k))
         check_int('crop_size', self.crop_size, 1, self.image_size, allow_none=True)
         if not isinstance(self.flip, bool): raise ValueError(f"`flip` must be True or False, got {self.flip!r}")
-        if self.flip and self.crop_size is None: raise ValueError("`flip` needs `crop_size` (flips come with the crops)")
+        if self.flip and self.crop_size is None:
+            raise ValueError("`flip` needs `crop_size` (flips come with the crops)")
         check_number('score_scale', self.score_scale, 0, open_low=True, allow_none=True)
         check_number('prior_lr', self.prior_lr, 0, open_low=True, allow_none=True)
         if not (isinstance(self.prior_hidden, tuple) and self.prior_hidden):
