@@ -7,7 +7,7 @@ __all__ = ['bench_images', 'PILPerspective', 'time_steps', 'gpu_pipeline', 'time
            'main']
 
 # %% ../nbs/05b_bench.ipynb #120a81d8
-import argparse, json, os, platform, random, sys, time, warnings
+import argparse, os, platform, random, sys, time, warnings
 
 import numpy as np
 import torch
@@ -16,27 +16,33 @@ import torchvision.transforms.functional as TF
 from torchvision.transforms import InterpolationMode
 
 from .transforms import projective_from_uniform, warp, matrix_to_t, uniform
+from .utils import check_int, check_one_of, resolve_device, write_json
 
 # %% ../nbs/05b_bench.ipynb #0a7d8853
 def bench_images(data='auto'):
-    "uint8 images [N,C,H,W] on the CPU and a line saying what they are: 'mnist' real MNIST train, 'random' CIFAR-size noise, 'auto' MNIST if it loads."
-    if data not in ('auto', 'mnist', 'random'): raise ValueError(f"`data` must be one of ['auto', 'mnist', 'random'], got {data!r}")
+    """uint8 images [N,C,H,W] on the CPU and a line saying what they are: 'mnist' real MNIST train,
+    'random' CIFAR-size noise, 'auto' MNIST if it loads."""
+    check_one_of('data', data, ['auto', 'mnist', 'random'])
     why = ''
     if data != 'random':
         try:
             from equivariant_mi.data import load_dataset
             ds = load_dataset('mnist', split='train', download=False)
-            return ds.images, f'real MNIST train images ({len(ds.images)} x {tuple(ds.images.shape[1:])} uint8, from {ds.source})'
+            return ds.images, (f'real MNIST train images ({len(ds.images)} x {tuple(ds.images.shape[1:])} uint8, '
+                               f'from {ds.source})')
         except Exception as e:
             if data == 'mnist': raise
             why = f'; MNIST was not available: {type(e).__name__}: {str(e)[:120]}'
     x = torch.randint(0, 256, (10_000, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    return x, f'RANDOM uint8 pixels, 10000 x (3, 32, 32) (CIFAR size; fine for throughput, the pixels mean nothing{why})'
+    return x, ('RANDOM uint8 pixels, 10000 x (3, 32, 32) (CIFAR size; fine for throughput, the pixels mean '
+               f'nothing{why})')
 
 # %% ../nbs/05b_bench.ipynb #40cdaa32
 class PILPerspective(Dataset):
-    "Reference pipeline, one image per call as AVT's loader: PIL image, random corners, torchvision's PIL perspective warp; returns (uint8 [C,H,W], t [8])."
-    def __init__(self, images, max_translate=0.125, scale=(0.8, 1.2), quarter_turns=(0, 1, 2, 3), corner_jitter=0.0, length=10 ** 7):
+    """Reference pipeline, one image per call as AVT's loader: PIL image, random corners,
+    torchvision's PIL perspective warp; returns (uint8 [C,H,W], t [8])."""
+    def __init__(self, images, max_translate=0.125, scale=(0.8, 1.2), quarter_turns=(0, 1, 2, 3), corner_jitter=0.0,
+                 length=10 ** 7):
         self.images, self.max_translate, self.scale, self.turns = images, max_translate, scale, list(quarter_turns)
         self.corner_jitter, self.length = corner_jitter, length
 
@@ -46,14 +52,16 @@ class PILPerspective(Dataset):
         img = TF.to_pil_image(self.images[k % len(self.images)])
         w, h = img.size
         m, cj = self.max_translate, self.corner_jitter
-        tx, ty, s, q = random.uniform(-m, m), random.uniform(-m, m), random.uniform(*self.scale), random.choice(self.turns)
+        tx, ty = random.uniform(-m, m), random.uniform(-m, m)
+        s, q = random.uniform(*self.scale), random.choice(self.turns)
         c, sn = (1, 0, -1, 0)[q] * s, (0, 1, 0, -1)[q] * s
         src = [(-1, -1), (1, -1), (1, 1), (-1, 1)]
         dst = [(c * x + sn * y + 2 * tx, -sn * x + c * y + 2 * ty) for x, y in src]
         if cj: dst = [(u + 2 * random.uniform(-cj, cj), v + 2 * random.uniform(-cj, cj)) for u, v in dst]
         pixels = lambda pts: [[(x + 1) / 2 * w, (y + 1) / 2 * h] for x, y in pts]
         out = TF.perspective(img, pixels(src), pixels(dst), interpolation=InterpolationMode.BILINEAR)
-        if cj:                                                     # 8x8 solve for the coefficients, as AVT's find_coeffs
+        # 8x8 solve for the coefficients, as AVT's find_coeffs
+        if cj:
             A = [[x, y, 1, 0, 0, 0, -u * x, -u * y] for (x, y), (u, v) in zip(src, dst)] + \
                 [[0, 0, 0, x, y, 1, -v * x, -v * y] for (x, y), (u, v) in zip(src, dst)]
             t = np.linalg.solve(np.array(A), np.array([u for u, v in dst] + [v for u, v in dst]))
@@ -65,7 +73,8 @@ def _sync(device):
     if device.type == 'cuda': torch.cuda.synchronize(device)
 
 def time_steps(step, device, seconds=1.0, warmup=3):
-    "Steady-state seconds per call of step(), and the warm-up seconds: `warmup` calls, then as many as fit in about `seconds`, timed with CUDA events on a GPU."
+    """Steady-state seconds per call of step(), and the warm-up seconds: `warmup` calls,
+    then as many as fit in about `seconds`, timed with CUDA events on a GPU."""
     t0 = time.perf_counter()
     for _ in range(warmup): step()
     _sync(device)
@@ -83,19 +92,22 @@ def time_steps(step, device, seconds=1.0, warmup=3):
     return (time.perf_counter() - t0) / iters, first
 
 def gpu_pipeline(images, batch, generator, family, compile_mode=None):
-    "One training-step worth of augmentation on the device: gather a random index batch, draw parameters, warp, compute t."
+    """One training-step worth of augmentation on the device: gather a random index batch, draw parameters, warp,
+    compute t."""
     n, dev = images.shape[0], images.device
     def transform(x, u):
         H = projective_from_uniform(u, **family)
         return warp(x, H), matrix_to_t(H)
-    if compile_mode: transform = torch.compile(transform, mode=None if compile_mode == 'default' else compile_mode, dynamic=False)
+    if compile_mode:
+        transform = torch.compile(transform, mode=None if compile_mode == 'default' else compile_mode, dynamic=False)
     def step():
         idx = (uniform((batch,), generator, dev) * n).long()
         return transform(images[idx], uniform((batch, 12), generator, dev))
     return step
 
 def time_loader(images, workers, batch, device, seconds=1.0, family=None):
-    "Steady-state seconds per batch of the PIL reference in a DataLoader with `workers` processes, batches moved to `device`; and the start-up seconds."
+    """Steady-state seconds per batch of the PIL reference in a DataLoader with `workers` processes,
+    batches moved to `device`; and the start-up seconds."""
     t0 = time.perf_counter()
     with warnings.catch_warnings():                                 # more workers than cores is the point of a row
         warnings.filterwarnings('ignore', message='This DataLoader will create')
@@ -117,12 +129,14 @@ def time_loader(images, workers, batch, device, seconds=1.0, family=None):
 
 # %% ../nbs/05b_bench.ipynb #565dbe51
 def bench_pipeline(device=None, batches=(512, 4096), workers=(0, 2, 4, 16), loader_batch=None, data='auto',
-                   seconds=None, quick=False, corner_jitter=0.0, compile=False, compile_modes=('default', 'reduce-overhead'),
+                   seconds=None, quick=False, corner_jitter=0.0, compile=False,
+                   compile_modes=('default', 'reduce-overhead'),
                    seed=0, log=None):
-    "Images/s of the batched device warp at each batch size (eager, and compiled if asked) and of the PIL DataLoader at each worker count: (header lines, rows)."
-    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    if any(b < 1 for b in batches) or any(w < 0 for w in workers):
-        raise ValueError(f"`batches` must be positive and `workers` non-negative, got {list(batches)} and {list(workers)}")
+    """Images/s of the batched device warp at each batch size
+    (eager, and compiled if asked) and of the PIL DataLoader at each worker count: (header lines, rows)."""
+    device = resolve_device(device)
+    for b in batches: check_int('batches', b)
+    for w in workers: check_int('workers', w, 0)
     seconds = seconds or (0.2 if quick else 2.0 if device.type == 'cuda' else 1.0)
     loader_batch = loader_batch or (64 if quick else 256)
     family = dict(max_translate=0.125, scale=(0.8, 1.2), quarter_turns=(0, 1, 2, 3), corner_jitter=corner_jitter)
@@ -130,7 +144,8 @@ def bench_pipeline(device=None, batches=(512, 4096), workers=(0, 2, 4, 16), load
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine()
     header = [f'pipeline benchmark: uint8 images -> projective warp + t on {device.type} ({name}); '
               f'torch {torch.__version__}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads'
-              + (f', load average {os.getloadavg()[0]:.1f} (other work on the machine makes timings noisy)' if hasattr(os, 'getloadavg') else ''),
+              + (f', load average {os.getloadavg()[0]:.1f} (other work on the machine makes timings noisy)'
+                 if hasattr(os, 'getloadavg') else ''),
               f'data: {what}',
               f'family: shift +-0.125, scale [0.8, 1.2], quarter turns 0-3, corner jitter {corner_jitter}; '
               f'{seconds:g} s per row after warm-up' + (' (--quick)' if quick else '')]
@@ -142,7 +157,8 @@ def bench_pipeline(device=None, batches=(512, 4096), workers=(0, 2, 4, 16), load
             label = 'batched warp, eager' if mode is None else f'batched warp, compile {mode}'
             say(f'timing {label} at batch {b} ...')
             sec, first = time_steps(gpu_pipeline(on_device, b, gen, family, mode), device, seconds)
-            rows.append(dict(pipeline=label, batch=b, workers=None, images_per_s=b / sec, ms_per_batch=1e3 * sec, warmup_s=first))
+            rows.append(dict(pipeline=label, batch=b, workers=None, images_per_s=b / sec, ms_per_batch=1e3 * sec,
+                             warmup_s=first))
     random.seed(seed)
     for w in workers:
         say(f'timing PIL DataLoader with {w} workers ...')
@@ -153,49 +169,54 @@ def bench_pipeline(device=None, batches=(512, 4096), workers=(0, 2, 4, 16), load
 
 def format_table(header, rows):
     "The header lines and a fixed-width table of the rows."
-    lines = list(header) + ['', f"{'pipeline':<34}{'batch':>7}{'workers':>9}{'images/s':>14}{'ms/batch':>11}{'warm-up s':>11}"]
+    lines = list(header) + ['', f"{'pipeline':<34}{'batch':>7}{'workers':>9}{'images/s':>14}{'ms/batch':>11}"
+                                f"{'warm-up s':>11}"]
     for r in rows:
         wk = '-' if r['workers'] is None else str(r['workers'])
-        lines.append(f"{r['pipeline']:<34}{r['batch']:>7}{wk:>9}{r['images_per_s']:>14,.0f}{r['ms_per_batch']:>11.2f}{r['warmup_s']:>11.2f}")
+        lines.append(f"{r['pipeline']:<34}{r['batch']:>7}{wk:>9}{r['images_per_s']:>14,.0f}"
+                     f"{r['ms_per_batch']:>11.2f}{r['warmup_s']:>11.2f}")
     return '\n'.join(lines)
 
 # %% ../nbs/05b_bench.ipynb #b14b751e
-def _positive(s):
-    v = int(s)
-    if v < 1: raise argparse.ArgumentTypeError(f'must be a positive integer, got {s}')
-    return v
-
-def _count(s):
-    v = int(s)
-    if v < 0: raise argparse.ArgumentTypeError(f'must be a non-negative integer, got {s}')
-    return v
+def _int_arg(low):
+    "An argparse type for an integer >= `low`: `check_int`'s rule, its ValueError turned into argparse's message."
+    def parse(s):
+        try: return check_int('value', int(s), low)
+        except ValueError: raise argparse.ArgumentTypeError(f'must be an integer >= {low}, got {s!r}') from None
+    return parse
 
 def main(argv=None):
-    "Command line: `python -m equivariant_mi.bench pipeline [--quick] [--device cuda] [--compile] ...` prints the table."
+    """Command line: `python -m equivariant_mi.bench pipeline [--quick] [--device cuda] [--compile] ...` prints the
+    table."""
     p = argparse.ArgumentParser(prog='python -m equivariant_mi.bench', description='Benchmarks of equivariant_mi.')
     sub = p.add_subparsers(dest='bench', required=True)
     q = sub.add_parser('pipeline', help='images/s: batched projective warp on the device vs a PIL DataLoader')
     q.add_argument('--quick', action='store_true', help='0.2 s per row and loader batches of 64 (for tests)')
     q.add_argument('--device', default=None, help='cuda or cpu (default: cuda when available)')
-    q.add_argument('--batches', type=_positive, nargs='+', default=[512, 4096], help='batch sizes of the device pipeline')
-    q.add_argument('--workers', type=_count, nargs='+', default=[0, 2, 4, 16], help='DataLoader worker counts')
-    q.add_argument('--loader-batch', type=_positive, default=None, help='DataLoader batch size (default 256, 64 with --quick)')
-    q.add_argument('--data', choices=['auto', 'mnist', 'random'], default='auto', help='real MNIST (auto: if available) or random pixels')
+    q.add_argument('--batches', type=_int_arg(1), nargs='+', default=[512, 4096], help='batch sizes of the device '
+                                                                                       'pipeline')
+    q.add_argument('--workers', type=_int_arg(0), nargs='+', default=[0, 2, 4, 16], help='DataLoader worker counts')
+    q.add_argument('--loader-batch', type=_int_arg(1), default=None, help='DataLoader batch size (default 256, 64 '
+                                                                          'with --quick)')
+    q.add_argument('--data', choices=['auto', 'mnist', 'random'], default='auto', help='real MNIST (auto: if '
+                                                                                       'available) or random pixels')
     q.add_argument('--seconds', type=float, default=None, help='timed seconds per row (default 2 on CUDA, 1 on CPU)')
     q.add_argument('--corner-jitter', type=float, default=0.0, help="AVT's corner jitter (0.125 in its code)")
     q.add_argument('--compile', action='store_true', help='add torch.compile rows for the device pipeline')
-    q.add_argument('--compile-modes', nargs='+', default=['default', 'reduce-overhead'], help='torch.compile modes to try')
-    q.add_argument('--threads', type=_positive, default=None,
+    q.add_argument('--compile-modes', nargs='+', default=['default', 'reduce-overhead'], help='torch.compile modes '
+                                                                                              'to try')
+    q.add_argument('--threads', type=_int_arg(1), default=None,
                    help='torch CPU threads of the main process (1 can be faster on a CPU shared with other work)')
     q.add_argument('--seed', type=int, default=0)
     q.add_argument('--json', default=None, help='also write the header and rows to this JSON file')
     a = p.parse_args(argv)
     if a.threads: torch.set_num_threads(a.threads)
-    header, rows = bench_pipeline(a.device, a.batches, a.workers, a.loader_batch, a.data, a.seconds, a.quick, a.corner_jitter,
-                                  a.compile, a.compile_modes, a.seed, log=lambda s: print(s, file=sys.stderr, flush=True))
+    header, rows = bench_pipeline(a.device, a.batches, a.workers, a.loader_batch, a.data, a.seconds, a.quick,
+                                  a.corner_jitter, a.compile, a.compile_modes, a.seed,
+                                  log=lambda s: print(s, file=sys.stderr, flush=True))
     print(format_table(header, rows), flush=True)
-    if a.json:
-        with open(a.json, 'w') as f: json.dump(dict(header=header, rows=rows), f, indent=1)
+    if a.json: write_json(a.json, dict(header=header, rows=rows))
     return rows
 
-if __name__ == '__main__' and sys.argv[0].endswith('bench.py'): main()   # `python -m equivariant_mi.bench`, not a notebook
+# `python -m equivariant_mi.bench`, not a notebook
+if __name__ == '__main__' and sys.argv[0].endswith('bench.py'): main()

@@ -42,7 +42,8 @@ def _int(s):
 def _int_list(s):
     "argparse type: comma-separated positive integers ('50000,5000,500')."
     try: v = [int(x) for x in s.split(',') if x.strip()]
-    except ValueError: raise argparse.ArgumentTypeError(f"must be comma-separated positive integers, got {s!r}") from None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated positive integers, got {s!r}") from None
     if not v or min(v) < 1: raise argparse.ArgumentTypeError(f"must be comma-separated positive integers, got {s!r}")
     return v
 
@@ -60,7 +61,7 @@ def _setting_or_path(s):
 
 
 def _setting(s):
-    "argparse type: KEY=VALUE, the value read as JSON when it parses (numbers, true/false, lists), as a string otherwise."
+    "argparse type: KEY=VALUE, the value read as JSON when it parses (numbers, true/false, lists), else a string."
     if '=' not in s: raise argparse.ArgumentTypeError(f"must look like KEY=VALUE (e.g. lr=1e-4), got {s!r}")
     k, v = s.split('=', 1)
     try: v = json.loads(v)
@@ -70,8 +71,8 @@ def _setting(s):
 # %% ../nbs/90_cli.ipynb #c008
 def _probe_names():
     "Probe names the evaluation module offers."
-    from equivariant_mi import evaluation as E
-    return list(getattr(E, 'PROBES', ('logreg', 'knn', 'svm', 'mlp')))
+    from equivariant_mi.evaluation import PROBES
+    return list(PROBES)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument('--split', default=None, help="the split to train on (default: train)")
     t.add_argument('--data-root', default=None, help='where the data sets live (default: data_root())')
     t.add_argument('--epochs', type=_positive_int, default=None, help="epochs (default: the method config's)")
-    t.add_argument('--batch-size', type=_positive_int, default=None, help="per-process batch size (default: the config's)")
+    t.add_argument('--batch-size', type=_positive_int, default=None,
+                   help="per-process batch size (default: the config's)")
     t.add_argument('--seed', type=_int, default=None, help='seed of the run (default: 0)')
     t.add_argument('--subset', type=_positive_int, default=None, help='train on a fixed random subset of N items')
     t.add_argument('--max-steps', type=_positive_int, default=None, help='stop (with a checkpoint) after N steps')
@@ -104,8 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a finished run the method builds on (its `requires`); KEY= may be left out when it needs one")
     e = sub.add_parser('eval', help='probe the frozen features of a trained run, next to raw pixels')
     e.add_argument('run', metavar='DIR', help='a run directory written by `emi train`')
-    e.add_argument('--probe', type=_name_list, default=['logreg', 'knn'], help="comma-separated probes (default: logreg,knn)")
-    e.add_argument('--labels', type=_int_list, default=[5000, 500], help='comma-separated label budgets (default: 5000,500)')
+    e.add_argument('--probe', type=_name_list, default=['logreg', 'knn'],
+                   help="comma-separated probes (default: logreg,knn)")
+    e.add_argument('--labels', type=_int_list, default=[5000, 500],
+                   help='comma-separated label budgets (default: 5000,500)')
     e.add_argument('--seeds', type=_positive_int, default=1, help='label draws per budget, averaged (default: 1)')
     e.add_argument('--test-subset', type=_positive_int, default=None, help='evaluate on the first N test items only')
     e.add_argument('--no-pixels', action='store_true', help='skip the raw-pixel baseline')
@@ -153,14 +157,16 @@ def _check_same_as_run(args, prev, out):
     given.update({f'--set {k}': (v, prev['config'].get(k)) for k, v in args.settings})
     for arg, (now, then) in given.items():
         if now is not None and now != then:
-            _fail(arg.split()[0], f"the run in {out} was started with {arg.split()[-1].lstrip('-')}={then!r}, not {now!r}; "
+            name = arg.split()[-1].lstrip('-')
+            _fail(arg.split()[0], f"the run in {out} was started with {name}={then!r}, not {now!r}; "
                                   f"a resumed run keeps its settings (drop the option, or choose another --out)")
 
 
 # the option that sets each argument the library names in its errors (`name` in backticks)
 _OPTIONS = {'batch_size': '--batch-size', 'epochs': '--epochs', 'precision': '--precision', 'device': '--device',
             'seed': '--seed', 'max_steps': '--max-steps', 'log_every': '--log-every', 'out': '--out',
-            'checkpoint_every': '--checkpoint-every', 'resume': '--resume', 'from_runs': '--from', 'images': '--dataset',
+            'checkpoint_every': '--checkpoint-every', 'resume': '--resume', 'from_runs': '--from',
+            'images': '--dataset',
             'preset': '--preset', 'method': 'METHOD'}
 
 
@@ -196,7 +202,8 @@ def _train_plan(args):
     if args.resume and out is not None and (out / 'config.json').exists() and (out / 'checkpoint.pt').exists():
         prev = R.read_run_info(out)
         if prev['method'] != args.method:
-            _fail('METHOD', f"the run in {out} trained {prev['method']!r}, not {args.method!r}; resume it with that name")
+            _fail('METHOD', f"the run in {out} trained {prev['method']!r}, not {args.method!r}; "
+                            f"resume it with that name")
         _check_same_as_run(args, prev, out)
     try: cls = M.get_method(args.method)
     except ValueError: _fail('METHOD', f"unknown method {args.method!r}; choose from {sorted(M.METHODS)}")
@@ -209,7 +216,8 @@ def _train_plan(args):
         subset, epochs = prev['meta'].get('subset'), args.epochs or prev['fit']['epochs']
     data = _load_split(dataset, split, args.data_root)
     if subset is not None:
-        if subset > len(data): _fail('--subset', f"must be <= {len(data)}, the size of {data.name}/{split}, got {subset}")
+        if subset > len(data):
+            _fail('--subset', f"must be <= {len(data)}, the size of {data.name}/{split}, got {subset}")
         data = data.subset(_subset_indices(len(data), subset, seed))
     T.seed_everything(seed)                                # the initial weights follow the run's seed
     try:
@@ -249,21 +257,26 @@ def _eval_plan(args):
     run = Path(args.run)
     if not run.is_dir(): _fail('DIR', f"run directory {str(run)!r} does not exist")
     if not (run / 'config.json').exists() or not (run / 'checkpoint.pt').exists():
-        _fail('DIR', f"{str(run)!r} is not a finished run directory: it needs config.json and checkpoint.pt (written by emi train)")
+        _fail('DIR', f"{str(run)!r} is not a finished run directory: it needs config.json and checkpoint.pt "
+                     f"(written by emi train)")
     known = _probe_names()
     bad = [p for p in args.probe if p not in known]
     if bad: _fail('--probe', f"unknown probe(s) {bad}; choose from {known}")
     device = _check_device(args.device)
     info = R.read_run_info(run)
     try: M.get_method(info['method'])
-    except ValueError: _fail('DIR', f"the run's method {info['method']!r} is not registered; known: {sorted(M.METHODS)}")
+    except ValueError:
+        _fail('DIR', f"the run's method {info['method']!r} is not registered; known: {sorted(M.METHODS)}")
     train = _load_split(info['dataset'], 'train', args.data_root, arg='DIR')
     test = _load_split(info['dataset'], 'test', args.data_root, arg='DIR')
     n_lab = int((train.labels >= 0).sum())
     too_big = [n for n in args.labels if n > n_lab]
-    if too_big: _fail('--labels', f"{too_big} exceed the {n_lab} labelled training images of {train.name}; use at most {n_lab}")
+    if too_big:
+        _fail('--labels', f"{too_big} exceed the {n_lab} labelled training images of {train.name}; "
+                          f"use at most {n_lab}")
     if args.test_subset is not None:
-        if args.test_subset > len(test): _fail('--test-subset', f"must be <= {len(test)} (the test split), got {args.test_subset}")
+        if args.test_subset > len(test):
+            _fail('--test-subset', f"must be <= {len(test)} (the test split), got {args.test_subset}")
         test = test.subset(torch.arange(args.test_subset))
     method = R.load_run(run, device=device)
     return method, train, test
@@ -290,10 +303,11 @@ def results_table(layers: dict) -> str:
 
 
 def merge_eval(path, record: dict) -> dict:
-    "Add `record`'s probe results to those already in `path` when both used the same test set and sampling; else replace."
+    "Add `record`'s probe results to those in `path` when both used the same test set and sampling; else replace."
     if not Path(path).exists(): return record
     old = json.loads(Path(path).read_text())
-    if any(old.get(k) != record[k] for k in ('method', 'dataset', 'n_test', 'samples')) or 'layers' not in old: return record
+    if any(old.get(k) != record[k] for k in ('method', 'dataset', 'n_test', 'samples')) or 'layers' not in old:
+        return record
     layers = {k: dict(v) for k, v in old['layers'].items()}
     for k, r in record['layers'].items():
         if k not in layers: layers[k] = r; continue
@@ -305,24 +319,25 @@ def merge_eval(path, record: dict) -> dict:
 
 def cmd_eval(args) -> int:
     "emi eval: probes on frozen features (and raw pixels), table on stdout, DIR/eval.json."
-    from equivariant_mi.evaluation import extract_features, evaluate_features, write_eval
+    from equivariant_mi.evaluation import evaluate_features, evaluate_method, write_eval
     method, train, test = _eval_plan(args)
     t0 = time.time()
     seeds = list(range(args.seeds))
     pool = probe_pool(train.labels, args.labels, seeds)
     train = train.subset(pool.to(train.images.device))
-    kw = dict(batch_size=args.batch_size, samples=args.samples, reduce='stack' if args.samples > 1 else 'mean')
-    f_tr, f_te = extract_features(method, train.images, **kw), extract_features(method, test.images, **kw)
+    protocol = dict(probes=args.probe, budgets=args.labels, seeds=seeds)
+    layers = evaluate_method(method, train, test, samples=args.samples, batch_size=args.batch_size, device=args.device,
+                             **protocol)['layers']
     if not args.no_pixels:
-        f_tr = {'pixels': D.to_float(train.images).flatten(1), **f_tr}
-        f_te = {'pixels': D.to_float(test.images).flatten(1), **f_te}
-    layers = {k: evaluate_features(f_tr[k], train.labels, f_te[k], test.labels, probes=args.probe, budgets=args.labels,
-                                   seeds=seeds, device=args.device) for k in f_tr}
+        pixels = evaluate_features(D.to_float(train.images).flatten(1), train.labels,
+                                   D.to_float(test.images).flatten(1), test.labels, device=args.device, **protocol)
+        layers = {'pixels': pixels, **layers}
     print(results_table(layers))
-    record = {'run': str(args.run), 'method': method.name, 'dataset': train.name, 'n_test': len(test), 'samples': args.samples,
-              'layers': layers}
+    record = {'run': str(args.run), 'method': method.name, 'dataset': train.name, 'n_test': len(test),
+              'samples': args.samples, 'layers': layers}
     path = write_eval(args.run, merge_eval(Path(args.run) / 'eval.json', record))
-    print(f"({time.time() - t0:.0f} s; features of {len(pool)} training and {len(test)} test images; written to {path})")
+    print(f"({time.time() - t0:.0f} s; features of {len(pool)} training and {len(test)} test images; "
+          f"written to {path})")
     return 0
 
 # %% ../nbs/90_cli.ipynb #c016

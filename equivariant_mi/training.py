@@ -232,7 +232,8 @@ def check_fit(method: Method, data, epochs: int | None = None, out=None, *, batc
                          f"(its bound takes the negatives from the batch), got {bs}")
     biggest = max(method.batch_size_for(e) for e in range(epochs))
     if biggest * world > len(data):
-        raise ValueError(f"`batch_size` {biggest} x {world} process(es) is larger than the {len(data)} items of the data")
+        raise ValueError(f"`batch_size` {biggest} x {world} process(es) is larger than the {len(data)} items "
+                         f"of the data")
     n_lab = int((data.labels >= 0).sum())
     if method.config.label_budget is not None and method.config.label_budget > n_lab:
         raise ValueError(f"`label_budget` {method.config.label_budget} is larger than the {n_lab} labelled items")
