@@ -456,7 +456,8 @@ def _wrap(method, device, world, compile):
 def fit(method: Method, data, epochs: int | None = None, out=None, *, batch_size: int | None = None, seed: int = 0,
         resume: bool = False, overwrite: bool = False, max_steps: int | None = None, device=None,
         precision: str = 'auto', compile: bool = False, log_every: int = 50, checkpoint_every: int = 500,
-        progress: bool = True, meta: dict | None = None, from_runs: dict | None = None) -> FitResult:
+        progress: bool = True, meta: dict | None = None, from_runs: dict | None = None,
+        on_step=None) -> FitResult:
     "Train `method` on `data` for `epochs`, writing config.json, metrics.jsonl and checkpoint.pt to `out`."
     data, epochs = check_fit(method, data, epochs, out, batch_size=batch_size, seed=seed, resume=resume,
                              overwrite=overwrite, max_steps=max_steps, device=device, precision=precision,
@@ -504,6 +505,7 @@ def fit(method: Method, data, epochs: int | None = None, out=None, *, batch_size
                 if run.step % log_every == 0: run.flush()
                 if out is not None and run.step % checkpoint_every == 0:
                     run.flush(); run.save()
+                if on_step is not None and on_step(ctx): stopped = True; break    # e.g. a benchmark's clock
                 if max_steps is not None and run.step >= max_steps:
                     stopped = True; break
         run.flush()
