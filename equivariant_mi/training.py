@@ -561,7 +561,7 @@ def fit(method: Method, data, epochs: int | None = None, out=None, *, batch_size
         resume: bool = False, overwrite: bool = False, max_steps: int | None = None, device=None,
         precision: str = 'auto', compile: bool = False, log_every: int = 50, checkpoint_every: int | None = None,
         checkpoint_minutes: float | None = 5.0, progress: bool = True, meta: dict | None = None,
-        from_runs: dict | None = None) -> FitResult:
+        from_runs: dict | None = None, on_step=None) -> FitResult:
     "Train `method` on `data` for `epochs`, writing config.json, metrics.jsonl and checkpoint.pt to `out`."
     data, epochs = check_fit(method, data, epochs, out, batch_size=batch_size, seed=seed, resume=resume,
                              overwrite=overwrite, max_steps=max_steps, device=device, precision=precision,
@@ -620,6 +620,7 @@ def fit(method: Method, data, epochs: int | None = None, out=None, *, batch_size
                     if sig:
                         run.flush(partial=True)
                         raise TrainingInterrupted(sig, run.step, out / CHECKPOINT if out is not None else None)
+                    if on_step is not None and on_step(ctx): stopped = True; break    # e.g. a benchmark's clock
                     if max_steps is not None and run.step >= max_steps:
                         stopped = True; break
         completed = run.pos[0] >= epochs

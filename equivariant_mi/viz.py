@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_visualization.ipynb #97ecc04a
 from __future__ import annotations
-import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,16 +13,13 @@ import torch.nn.functional as F
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
+from .utils import read_jsonl, to_numpy
+
 # %% auto #0
-__all__ = ['EMBEDDINGS', 'embed_2d', 'scatter_2d', 'plot_embedding', 'image_grid', 'read_jsonl', 'plot_curves', 'heatmap',
-           'crop_coverage', 'crop_heatmap', 'nearest_neighbours', 'plot_neighbours', 'neighbour_explorer']
+__all__ = ['EMBEDDINGS', 'embed_2d', 'scatter_2d', 'plot_embedding', 'image_grid', 'plot_curves', 'heatmap', 'crop_coverage',
+           'crop_heatmap', 'nearest_neighbours', 'plot_neighbours', 'neighbour_explorer']
 
 # %% ../nbs/09_visualization.ipynb #ccf6d17b
-def _np(a, dtype=None):
-    "Tensors (any device) and sequences to a numpy array."
-    if torch.is_tensor(a): a = a.detach().cpu().numpy()
-    return np.asarray(a) if dtype is None else np.asarray(a, dtype=dtype)
-
 def _new_axes(ax=None, figsize=(5, 4), dpi=80):
     "Draw into `ax` when given, else into a new figure; return (figure, axes)."
     if ax is not None: return ax.figure, ax
@@ -33,9 +30,10 @@ def _new_axes(ax=None, figsize=(5, 4), dpi=80):
 EMBEDDINGS = ('tsne', 'umap', 'pca')
 
 def embed_2d(features, method='tsne', seed=0, **kwargs):
-    "2-d coordinates [N, 2] of the rows of `features`: t-SNE (scikit-learn), UMAP (umap-learn) or the first two principal components."
+    """2-d coordinates [N, 2] of the rows of `features`: t-SNE (scikit-learn), UMAP
+    (umap-learn) or the first two principal components."""
     if method not in EMBEDDINGS: raise ValueError(f"`method` must be one of {list(EMBEDDINGS)}, got {method!r}")
-    x = _np(features, np.float32).reshape(len(features), -1)
+    x = to_numpy(features, np.float32).reshape(len(features), -1)
     if len(x) < 3: raise ValueError(f"`features` needs at least 3 rows to embed, got {len(x)}")
     if method == 'pca':
         x = x - x.mean(0)
@@ -51,13 +49,13 @@ def embed_2d(features, method='tsne', seed=0, **kwargs):
 def scatter_2d(xy, labels=None, title=None, ax=None, class_names=None, s=6, xlabel='dimension 1',
                ylabel='dimension 2', legend=True):
     "Scatter of 2-d points coloured by integer label (one legend entry per class); returns the Figure."
-    xy = _np(xy, np.float32)
+    xy = to_numpy(xy, np.float32)
     if xy.ndim != 2 or xy.shape[1] != 2: raise ValueError(f"`xy` must have shape [N, 2], got {xy.shape}")
     fig, ax = _new_axes(ax)
     if labels is None:
         ax.scatter(xy[:, 0], xy[:, 1], s=s, alpha=0.7)
     else:
-        labels = _np(labels).reshape(-1)
+        labels = to_numpy(labels).reshape(-1)
         if len(labels) != len(xy): raise ValueError(f"`labels` has {len(labels)} entries for {len(xy)} points")
         classes = np.unique(labels)
         cmap = plt.get_cmap('tab10' if len(classes) <= 10 else 'tab20')
@@ -81,11 +79,12 @@ from .data import to_float  # the one uint8 -> [0, 1] conversion
 
 def _as_hwc(images):
     "Images [N,C,H,W] (C = 1 or 3), [N,H,W] or one [C,H,W] / [H,W] image as float [N,H,W,C] in [0, 1] for imshow."
-    x = torch.as_tensor(_np(images)) if not torch.is_tensor(images) else images.detach().cpu()
+    x = torch.as_tensor(to_numpy(images)) if not torch.is_tensor(images) else images.detach().cpu()
     if x.ndim == 2: x = x[None, None]
     elif x.ndim == 3: x = x[:, None] if x.shape[0] not in (1, 3) else x[None]
     if x.ndim != 4 or x.shape[1] not in (1, 3):
-        raise ValueError(f"`images` must be [N, C, H, W] with C = 1 or 3, [N, H, W], [C, H, W] or [H, W], got {tuple(x.shape)}")
+        raise ValueError("`images` must be [N, C, H, W] with C = 1 or 3, [N, H, W], [C, H, W] or [H, W], got "
+                         f"{tuple(x.shape)}")
     x = to_float(x) if x.dtype == torch.uint8 else x.float()
     return x.clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
@@ -96,8 +95,8 @@ def image_grid(images, ncols=None, titles=None, title=None, cmap='gray', size=1.
     if titles is not None and len(titles) != n: raise ValueError(f"`titles` has {len(titles)} entries for {n} images")
     ncols = int(ncols or min(n, 10))
     nrows = -(-n // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows + 0.3 * bool(title) + 0.2 * (titles is not None) * nrows),
-                             dpi=dpi, squeeze=False)
+    height = size * nrows + 0.3 * bool(title) + 0.2 * (titles is not None) * nrows
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, height), dpi=dpi, squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis('off')
         if i >= n: continue
@@ -110,13 +109,10 @@ def image_grid(images, ncols=None, titles=None, title=None, cmap='gray', size=1.
 # %% ../nbs/09_visualization.ipynb #6ed8f241
 _AXES_KEYS = ('step', 'epoch', 'time')
 
-def read_jsonl(source):
-    "Rows of a metrics.jsonl file (or of run_dir/metrics.jsonl); a list of dicts passes through."
-    if isinstance(source, (list, tuple)): return list(source)
-    p = Path(source)
-    if p.is_dir(): p = p / 'metrics.jsonl'
-    if not p.exists(): raise FileNotFoundError(f"{str(p)!r} does not exist: pass a metrics.jsonl file, a run directory or a list of dicts")
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+def _metrics_file(source):
+    "The metrics.jsonl of a run folder; a file path or a list of rows as given (for `utils.read_jsonl`)."
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir(): return Path(source) / 'metrics.jsonl'
+    return source
 
 def _smooth(v, window):
     "Trailing moving average over `window` points (NaN-free prefix averages at the start)."
@@ -127,10 +123,12 @@ def _smooth(v, window):
     return np.concatenate([head, out])
 
 def plot_curves(source, keys=None, x='step', smooth=1, logy=False, title=None, ncols=3, dpi=80):
-    "One panel per logged quantity of a run's metrics.jsonl against `x` (step, epoch or time), optionally smoothed; returns the Figure."
-    rows = read_jsonl(source)
+    """One panel per logged quantity of a run's metrics.jsonl against `x` (step, epoch or time), optionally smoothed;
+    returns the Figure."""
+    rows = read_jsonl(_metrics_file(source))
     if not rows: raise ValueError("no rows to plot: the metrics file is empty")
-    numeric = lambda k: all(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool) for r in rows if k in r)
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    numeric = lambda k: all(number(r[k]) for r in rows if k in r)
     found = list(dict.fromkeys(k for r in rows for k in r))
     if x not in found: raise ValueError(f"`x` must be one of the logged keys {found}, got {x!r}")
     keys = [k for k in found if k not in _AXES_KEYS and numeric(k)] if keys is None else list(keys)
@@ -153,7 +151,7 @@ def plot_curves(source, keys=None, x='step', smooth=1, logy=False, title=None, n
 def heatmap(values, title=None, xlabel='column', ylabel='row', ax=None, cmap='viridis', colorbar=True,
             xticklabels=None, yticklabels=None, annotate=False, fmt='.2f'):
     "A matrix as a colour image with a colour bar (optionally the values written in the cells); returns the Figure."
-    v = _np(values, np.float32)
+    v = to_numpy(values, np.float32)
     if v.ndim != 2: raise ValueError(f"`values` must be a 2-d matrix, got shape {v.shape}")
     fig, ax = _new_axes(ax)
     im = ax.imshow(v, cmap=cmap, interpolation='nearest', aspect='auto')
@@ -168,10 +166,12 @@ def heatmap(values, title=None, xlabel='column', ylabel='row', ax=None, cmap='vi
     return fig
 
 def crop_coverage(probs, crop=20, stride=4):
-    "Per-pixel mass of a distribution over a square lattice of crops: sum of P(t) over the crops t containing the pixel."
-    p = torch.as_tensor(_np(probs, np.float32))
+    """Per-pixel mass of a distribution over a square lattice of crops:
+    sum of P(t) over the crops t containing the pixel."""
+    p = torch.as_tensor(to_numpy(probs, np.float32))
     side = int(round(p.numel() ** 0.5)) if p.ndim == 1 else p.shape[-1]
-    if p.numel() != side * side: raise ValueError(f"`probs` must hold a square lattice of crops (e.g. 17 x 17 = 289), got {p.numel()} values")
+    if p.numel() != side * side: raise ValueError("`probs` must hold a square lattice of crops (e.g. 17 x 17 = "
+                                                  f"289), got {p.numel()} values")
     kernel = torch.ones(1, 1, crop, crop)
     return F.conv_transpose2d(p.reshape(1, 1, side, side), kernel, stride=stride)[0, 0].numpy()
 
@@ -183,9 +183,10 @@ def _overlay(mass, cmap='magma', alpha=0.6):
     return rgba
 
 def crop_heatmap(images, probs, crop=20, stride=4, titles=None, title=None, alpha=0.7, cmap='magma', size=2.2, dpi=80):
-    "P(T|x) over a lattice of crops for each image: top, the image with the per-pixel crop mass overlaid; bottom, the lattice itself; returns the Figure."
+    """P(T|x) over a lattice of crops for each image: top, the image with the per-pixel crop mass overlaid; bottom,
+    the lattice itself; returns the Figure."""
     x = _as_hwc(images)
-    p = _np(probs, np.float32)
+    p = to_numpy(probs, np.float32)
     p = p.reshape(len(x), -1) if p.ndim > 1 or len(x) == 1 else p[None]
     if len(p) != len(x): raise ValueError(f"`probs` has {len(p)} rows for {len(x)} images")
     side = int(round(p.shape[1] ** 0.5))
@@ -211,8 +212,9 @@ def crop_heatmap(images, probs, crop=20, stride=4, titles=None, title=None, alph
 # %% ../nbs/09_visualization.ipynb #b653762a
 def nearest_neighbours(features, index, k=8, metric='euclidean'):
     "Indices of the k rows of `features` closest to row `index` (itself excluded), nearest first."
-    if metric not in ('euclidean', 'cosine'): raise ValueError(f"`metric` must be one of ['euclidean', 'cosine'], got {metric!r}")
-    z = torch.as_tensor(_np(features, np.float32)).reshape(len(features), -1)
+    if metric not in ('euclidean', 'cosine'): raise ValueError("`metric` must be one of ['euclidean', 'cosine'], "
+                                                               f"got {metric!r}")
+    z = torch.as_tensor(to_numpy(features, np.float32)).reshape(len(features), -1)
     if not 0 <= index < len(z): raise ValueError(f"`index` must be in [0, {len(z) - 1}], got {index}")
     if metric == 'cosine': z = F.normalize(z, dim=1)
     d = torch.cdist(z[index:index + 1], z)[0]
@@ -220,16 +222,17 @@ def nearest_neighbours(features, index, k=8, metric='euclidean'):
     return d.topk(min(k, len(z) - 1), largest=False).indices
 
 def plot_neighbours(images, features, index, k=8, labels=None, metric='euclidean', title=None, size=1.1, dpi=80):
-    "The image at `index` (left) and its k nearest neighbours in feature space, titled with labels and distances; returns the Figure."
+    """The image at `index` (left) and its k nearest neighbours in feature space, titled with labels and distances;
+    returns the Figure."""
     nb = nearest_neighbours(features, index, k, metric)
-    z = torch.as_tensor(_np(features, np.float32)).reshape(len(features), -1)
+    z = torch.as_tensor(to_numpy(features, np.float32)).reshape(len(features), -1)
     if metric == 'cosine': z = F.normalize(z, dim=1)
     dist = torch.cdist(z[index:index + 1], z[nb])[0]
     idx = [index] + nb.tolist()
     lab = (lambda i: f"y={int(labels[i])} ") if labels is not None else (lambda i: '')
     titles = [f"query {lab(index)}"] + [f"{lab(i)}d={d:.2f}" for i, d in zip(nb.tolist(), dist.tolist())]
     images = getattr(images, 'images', images)              # an ImageSet works too
-    x = images[idx] if torch.is_tensor(images) else _np(images)[idx]
+    x = images[idx] if torch.is_tensor(images) else to_numpy(images)[idx]
     return image_grid(x, ncols=len(idx), titles=titles, size=size, dpi=dpi,
                       title=title or f"index {index} and its {len(nb)} nearest neighbours ({metric})")
 
@@ -243,7 +246,8 @@ def _widgets_available():
     return ip is not None and getattr(ip, 'kernel', None) is not None
 
 def neighbour_explorer(images, features, labels=None, k=8, metric='euclidean', index=0, interactive=None):
-    "Pick an index with a slider and see the image and its nearest neighbours in feature space; without a live kernel (or ipywidgets) it returns the static Figure for `index`."
+    """Pick an index with a slider and see the image and its nearest neighbours in feature space; without a live kernel
+    (or ipywidgets) it returns the static Figure for `index`."""
     if interactive is None: interactive = _widgets_available()
     if not interactive: return plot_neighbours(images, features, index, k, labels, metric)
     import ipywidgets as W

@@ -55,7 +55,7 @@ def test_evaluate_method_writes_eval_json(mnist, toy, tmp_path):
     path = write_eval(tmp_path / "run", res)
     assert path == tmp_path / "run" / "eval.json" and read_eval(tmp_path / "run") == json.loads(json.dumps(res))
     assert "| knn |" in format_results(res)
-    with pytest.raises(FileNotFoundError, match="eval.json"):
+    with pytest.raises(ValueError, match="eval.json"):
         read_eval(tmp_path / "elsewhere")
 
 

@@ -7,4 +7,7 @@ __all__ = []
 
 # %% ../../nbs/07d_methods.ipynb #6a449667
 from . import toy  # noqa: F401  (ToyInfoNCE, 'toy')
+from . import dim  # noqa: F401  (DIM, 'dim': dataset x variant x estimator presets)
+from . import vte  # noqa: F401  (the five VTE/AVT models)
+from . import crl_tac  # noqa: F401  (CRL-TAC and its SimCLR / oracle presets)
 from . import equivae  # noqa: F401  (EquiVAE, 'equivae')
