@@ -4,13 +4,13 @@
 
 # %% ../nbs/90_cli.ipynb #c003
 from __future__ import annotations
-import argparse, dataclasses, json, os, re, sys, time
+import argparse, dataclasses, json, os, re, signal, stat, sys, time
 from pathlib import Path
 
 import torch
 
 from . import method as M, runs as R, training as T
-from .utils import resolve_device
+from .utils import read_json, resolve_device
 from . import data as D
 
 # %% auto #0
@@ -31,6 +31,14 @@ def _positive_int(s):
     try: v = int(s)
     except ValueError: raise argparse.ArgumentTypeError(f"must be a positive integer, got {s!r}") from None
     if v < 1: raise argparse.ArgumentTypeError(f"must be a positive integer, got {s!r}")
+    return v
+
+
+def _positive_float(s):
+    "argparse type: a number > 0."
+    try: v = float(s)
+    except ValueError: raise argparse.ArgumentTypeError(f"must be a positive number, got {s!r}") from None
+    if not v > 0 or v == float('inf'): raise argparse.ArgumentTypeError(f"must be a positive number, got {s!r}")
     return v
 
 
@@ -78,9 +86,10 @@ def _probe_names():
 def build_parser() -> argparse.ArgumentParser:
     "The `emi` argument parser: train, eval, list."
     p = _Parser(prog='emi', description='Mutual-information representation learning: train, evaluate, list.')
-    sub = p.add_subparsers(dest='command', required=True, parser_class=_Parser)
+    sub = p.add_subparsers(dest='command', metavar='COMMAND', parser_class=_Parser)
     t = sub.add_parser('train', help='train a method with fit (checkpoints, resume, metrics)')
-    t.add_argument('method', metavar='METHOD', help='a registered method (see `emi list`)')
+    t.add_argument('method', metavar='METHOD', nargs='?', default=None,
+                   help='a registered method (see `emi list`); with --resume, the run in --out says it')
     t.add_argument('--preset', default=None, help="a preset of the method (default: 'default')")
     t.add_argument('--dataset', default=None, help="a data set name (default: mnist)")
     t.add_argument('--split', default=None, help="the split to train on (default: train)")
@@ -94,13 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument('--set', type=_setting, action='append', default=[], metavar='KEY=VALUE', dest='settings',
                    help='override a config field (repeatable)')
     t.add_argument('--out', default=None, help='run directory (default: runs/METHOD-PRESET-DATASET)')
-    t.add_argument('--resume', action='store_true', help='continue the run in --out from its checkpoint')
+    t.add_argument('--resume', action='store_true',
+                   help='continue the run in --out with the settings in its config.json (from its last checkpoint)')
     t.add_argument('--overwrite', action='store_true', help='start again even if --out holds a run')
     t.add_argument('--device', default=None, help="'cpu', 'cuda' or 'cuda:N' (default: cuda if available)")
-    t.add_argument('--precision', default='auto', help=f"one of {list(T.PRECISIONS)} (default: auto)")
+    t.add_argument('--precision', default=None, help=f"one of {list(T.PRECISIONS)} (default: auto)")
     t.add_argument('--compile', action='store_true', help='torch.compile the training step')
-    t.add_argument('--log-every', type=_positive_int, default=50)
-    t.add_argument('--checkpoint-every', type=_positive_int, default=500)
+    t.add_argument('--log-every', type=_positive_int, default=None, help='steps per metrics row (default: 50)')
+    t.add_argument('--checkpoint-every', type=_positive_int, default=None,
+                   help='also checkpoint every N steps (default: only by time and at epoch ends)')
+    t.add_argument('--checkpoint-minutes', type=_positive_float, default=None,
+                   help='checkpoint at each epoch end and after this many minutes, whichever first (default: 5)')
     t.add_argument('--no-progress', action='store_true', help='no progress bar')
     t.add_argument('--from', type=_setting_or_path, action='append', default=[], metavar='[KEY=]RUN', dest='from_runs',
                    help="a finished run the method builds on (its `requires`); KEY= may be left out when it needs one")
@@ -146,19 +159,35 @@ def _subset_indices(n_items, n, seed):
     return torch.randperm(n_items, generator=g)[:n].sort().values
 
 
+def _recorded(prev: dict) -> dict:
+    "What a run was started with, by the option that sets it (read from its config.json)."
+    fit = prev['fit']
+    return {'--preset': prev.get('preset'), '--dataset': prev['dataset'], '--split': prev.get('split') or 'train',
+            '--subset': prev.get('meta', {}).get('subset'), '--seed': fit['seed'],
+            '--batch-size': prev['config'].get('batch_size'), '--precision': fit.get('precision_option', 'auto'),
+            '--log-every': fit.get('log_every', 50), '--checkpoint-every': fit.get('checkpoint_every'),
+            '--checkpoint-minutes': fit.get('checkpoint_minutes', 5.0)}
+
+
 def _check_same_as_run(args, prev, out):
     "A resumed run keeps the settings it was started with: an option given now must agree with them."
-    given = {'--preset': (args.preset, prev.get('preset')), '--seed': (args.seed, prev['fit']['seed']),
-             '--split': (args.split, prev.get('split')), '--subset': (args.subset, prev['meta'].get('subset')),
-             '--batch-size': (args.batch_size, prev['config'].get('batch_size'))}
-    if args.dataset is not None:
-        try: given['--dataset'] = (D.canonical_name(args.dataset), prev['dataset'])
-        except (ValueError, TypeError): given['--dataset'] = (args.dataset, prev['dataset'])
-    given.update({f'--set {k}': (v, prev['config'].get(k)) for k, v in args.settings})
-    for arg, (now, then) in given.items():
-        if now is not None and now != then:
+    then = _recorded(prev)
+    dataset = args.dataset
+    if dataset is not None:
+        try: dataset = D.canonical_name(dataset)
+        except (ValueError, TypeError): pass
+    now = {'--preset': args.preset, '--dataset': dataset, '--split': args.split, '--subset': args.subset,
+           '--seed': args.seed, '--batch-size': args.batch_size, '--precision': args.precision,
+           '--log-every': args.log_every, '--checkpoint-every': args.checkpoint_every,
+           '--checkpoint-minutes': args.checkpoint_minutes}
+    for k, v in args.settings:
+        if k not in prev['config']:
+            _fail('--set', f"{k!r} is not a setting of the run in {out} (method {prev['method']!r})")
+        now[f'--set {k}'], then[f'--set {k}'] = v, prev['config'][k]
+    for arg, v in now.items():
+        if v is not None and v != then[arg]:
             name = arg.split()[-1].lstrip('-')
-            _fail(arg.split()[0], f"the run in {out} was started with {name}={then!r}, not {now!r}; "
+            _fail(arg.split()[0], f"the run in {out} was started with {name}={then[arg]!r}, not {v!r}; "
                                   f"a resumed run keeps its settings (drop the option, or choose another --out)")
 
 
@@ -195,25 +224,52 @@ def _from_runs(args, cls) -> dict:
     return out
 
 
+def _previous_run(out: Path):
+    "(config.json of the run in `out` or None, the step of its checkpoint or None); a damaged run is a UsageError."
+    if out.exists() and not out.is_dir(): _fail('--out', f"{str(out)!r} is a file, not a run directory")
+    if not (out / 'config.json').exists(): return None, None
+    try: return R.read_run_info(out), R.checkpoint_step(out)
+    except ValueError as err: _fail('--out', str(err))
+
+
 def _train_plan(args):
-    "Validate the train arguments with the library's own checks; return (method, data, fit keyword arguments)."
-    out = Path(args.out) if args.out else None
-    prev = None
-    if args.resume and out is not None and (out / 'config.json').exists() and (out / 'checkpoint.pt').exists():
-        prev = R.read_run_info(out)
-        if prev['method'] != args.method:
-            _fail('METHOD', f"the run in {out} trained {prev['method']!r}, not {args.method!r}; "
-                            f"resume it with that name")
+    "Validate the train arguments with the library's own checks; return (method, data, fit keyword arguments, note)."
+    if args.resume and args.overwrite:
+        _fail('--resume', "--resume continues the run in --out and --overwrite starts it again: give one of them")
+    if args.method is None and not (args.resume and args.out):
+        _fail('METHOD', "required: the method to train (see `emi list`), e.g. `emi train toy`; "
+                        "or `emi train --out DIR --resume` to continue a run")
+    out, prev, ck_step = Path(args.out) if args.out else None, None, None
+    if out is None:                                        # the default folder, named by method, preset and data
+        dataset = args.dataset or 'mnist'
+        try: dataset = D.canonical_name(dataset)
+        except (ValueError, TypeError):
+            _fail('--dataset', f"unknown data set {dataset!r}; choose from {list(D.DATASETS)}")
+        out = Path('runs') / f"{args.method}-{args.preset or 'default'}-{dataset}"
+    if args.resume: prev, ck_step = _previous_run(out)
+    if prev is not None:
+        if args.method is not None and args.method != prev['method']:
+            _fail('METHOD', f"the run in {out} trained {prev['method']!r}, not {args.method!r}; resume it with that "
+                            f"name, or leave METHOD out")
+        args.method = prev['method']
         _check_same_as_run(args, prev, out)
     try: cls = M.get_method(args.method)
-    except ValueError: _fail('METHOD', f"unknown method {args.method!r}; choose from {sorted(M.METHODS)}")
-    if args.preset is None: args.preset = 'default'
-    settings = dict(args.settings)
-    dataset, split, subset, seed = args.dataset or 'mnist', args.split or 'train', args.subset, args.seed or 0
-    epochs = args.epochs
-    if prev is not None:                                   # a resumed run keeps what defined it
-        dataset, split, seed = prev['dataset'], prev.get('split') or 'train', prev['fit']['seed']
-        subset, epochs = prev['meta'].get('subset'), args.epochs or prev['fit']['epochs']
+    except ValueError:
+        what = f"the run in {out} trained {args.method!r}, which is not registered" if prev else \
+            f"unknown method {args.method!r}"
+        _fail('METHOD', f"{what}; choose from {sorted(M.METHODS)}")
+    rec = _recorded(prev) if prev is not None else {}
+    pick = lambda opt, given, default: rec[opt] if prev is not None else (default if given is None else given)
+    preset, dataset = pick('--preset', args.preset, 'default'), pick('--dataset', args.dataset, 'mnist')
+    split, subset, seed = pick('--split', args.split, 'train'), pick('--subset', args.subset, None), \
+        pick('--seed', args.seed, 0)
+    precision, log_every = pick('--precision', args.precision, 'auto'), pick('--log-every', args.log_every, 50)
+    ck_every = pick('--checkpoint-every', args.checkpoint_every, None)
+    ck_minutes = pick('--checkpoint-minutes', args.checkpoint_minutes, 5.0)
+    epochs = args.epochs or (prev['fit']['epochs'] if prev is not None else None)
+    settings = dict(args.settings) if prev is None else {}
+    device = args.device                                   # a run started on the CPU stays there unless told
+    if device is None and prev is not None and prev['fit'].get('device') == 'cpu': device = 'cpu'
     data = _load_split(dataset, split, args.data_root)
     if subset is not None:
         if subset > len(data):
@@ -225,28 +281,47 @@ def _train_plan(args):
             method = cls(M.config_from_dict(cls.Config, prev['config'])); method.preset = prev.get('preset')
         else:
             if args.batch_size is not None: settings['batch_size'] = args.batch_size
-            method = M.build_method(cls.name, args.preset, data=data, **settings)
+            method = M.build_method(cls.name, preset, data=data, **settings)
     except ValueError as err: _library_fail(err, '--set' if settings else '--preset')
     try: method.check_images(data.images)
     except ValueError as err: _fail('--dataset', str(err))
-    if out is None: out = Path('runs') / f"{cls.name}-{method.preset}-{data.name}"
+    if args.out is None: out = Path('runs') / f"{cls.name}-{method.preset}-{data.name}"
+    from_runs = _from_runs(args, cls)
+    if prev is not None and ck_step is None and not from_runs:    # a restart from step 0 rebuilds on the same runs
+        from_runs = {k: r['path'] for k, r in prev.get('requires', {}).items()}
     kw = dict(epochs=epochs, out=out, seed=seed, resume=args.resume, overwrite=args.overwrite, max_steps=args.max_steps,
-              device=args.device, precision=args.precision, log_every=args.log_every,
-              checkpoint_every=args.checkpoint_every, from_runs=_from_runs(args, cls))
+              device=device, precision=precision, log_every=log_every, checkpoint_every=ck_every,
+              checkpoint_minutes=ck_minutes, from_runs=from_runs)
     try: T.check_fit(method, data, **kw)
     except ValueError as err: _library_fail(err)
     kw.update(compile=args.compile, progress=not args.no_progress,
               meta={'subset': subset, 'command': 'emi ' + ' '.join(sys.argv[1:]) if sys.argv else ''})
-    return method, data, kw
+    note = None
+    if prev is not None and ck_step is not None:
+        note = f"resuming {out} from its checkpoint at step {ck_step}, with the settings in its config.json"
+    elif prev is not None:
+        note = f"{out} has no checkpoint yet: restarting its run from step 0 with the settings in its config.json"
+    elif args.resume: note = f"{out} holds no run yet: starting it"
+    return method, data, kw, note
 
 
 def cmd_train(args) -> int:
-    "emi train: validate, fit, say where the run is."
-    method, data, kw = _train_plan(args)
+    "emi train: validate, fit, say where the run is; SIGINT or SIGTERM: a checkpoint, then exit 128 + the signal."
+    method, data, kw, note = _train_plan(args)
+    rank0 = int(os.environ.get('RANK', 0)) == 0            # under torchrun only rank 0 reports
+    if note and rank0: print(note, flush=True)
     t0 = time.time()
-    res = T.fit(method, data, **kw)
-    if int(os.environ.get('RANK', 0)) == 0:                 # under torchrun only rank 0 reports
-        state = 'finished' if res.completed else f'stopped at --max-steps (resume with --resume)'
+    try: res = T.fit(method, data, **kw)
+    except T.TrainingInterrupted as stop:
+        if rank0:
+            print(f"emi: {signal.Signals(stop.signum).name} at step {stop.step}: stopped cleanly, checkpoint saved; "
+                  f"resume with: emi train --out {kw['out']} --resume", file=sys.stderr)
+        return 128 + stop.signum
+    except ValueError as err:                              # fit's own checks of the run folder (nothing was trained)
+        if str(err).startswith(('`', 'cannot resume')): _library_fail(err)
+        raise
+    if rank0:
+        state = 'finished' if res.completed else f'stopped at --max-steps (continue with --resume)'
         print(f"{method.name}: {res.step} steps, {res.epoch:.2f} epochs in {time.time() - t0:.1f} s, {state}; "
               f"run in {kw['out']} -> evaluate with: emi eval {kw['out']}")
     return 0
@@ -255,15 +330,20 @@ def cmd_train(args) -> int:
 def _eval_plan(args):
     "Validate the eval arguments; return (method, train set, test set)."
     run = Path(args.run)
+    if run.exists() and not run.is_dir():
+        _fail('DIR', f"{str(run)!r} is a file, not a run directory (give the folder emi train wrote)")
     if not run.is_dir(): _fail('DIR', f"run directory {str(run)!r} does not exist")
-    if not (run / 'config.json').exists() or not (run / 'checkpoint.pt').exists():
-        _fail('DIR', f"{str(run)!r} is not a finished run directory: it needs config.json and checkpoint.pt "
-                     f"(written by emi train)")
+    if not (run / 'config.json').exists():
+        _fail('DIR', f"{str(run)!r} is not a run directory: it has no config.json (written by emi train)")
     known = _probe_names()
     bad = [p for p in args.probe if p not in known]
     if bad: _fail('--probe', f"unknown probe(s) {bad}; choose from {known}")
     device = _check_device(args.device)
-    info = R.read_run_info(run)
+    try: info, step = R.read_run_info(run), R.checkpoint_step(run)
+    except ValueError as err: _fail('DIR', str(err))
+    if step is None:
+        _fail('DIR', f"{str(run)!r} has no checkpoint yet (it stopped before writing one); continue it with: "
+                     f"emi train --out {run} --resume")
     try: M.get_method(info['method'])
     except ValueError:
         _fail('DIR', f"the run's method {info['method']!r} is not registered; known: {sorted(M.METHODS)}")
@@ -278,7 +358,8 @@ def _eval_plan(args):
         if args.test_subset > len(test):
             _fail('--test-subset', f"must be <= {len(test)} (the test split), got {args.test_subset}")
         test = test.subset(torch.arange(args.test_subset))
-    method = R.load_run(run, device=device)
+    try: method = R.load_run(run, device=device)
+    except ValueError as err: _fail('DIR', str(err))
     return method, train, test
 
 
@@ -302,25 +383,36 @@ def results_table(layers: dict) -> str:
     return '\n'.join([fmt(head), fmt(['-' * x for x in w])] + [fmt(r) for r in rows])
 
 
-def merge_eval(path, record: dict) -> dict:
-    "Add `record`'s probe results to those in `path` when both used the same test set and sampling; else replace."
-    if not Path(path).exists(): return record
-    old = json.loads(Path(path).read_text())
-    if any(old.get(k) != record[k] for k in ('method', 'dataset', 'n_test', 'samples')) or 'layers' not in old:
-        return record
+def merge_eval(path, record: dict) -> tuple:
+    """(what to write, why earlier results were dropped or None): `record`'s results added to those in `path` when both
+    come from the same checkpoint (step and SHA-256) and used the same test set and sampling; else `record` alone."""
+    if not Path(path).exists(): return record, None
+    try: old = read_json(path, 'eval.json')
+    except ValueError: return record, 'it was not valid JSON'
+    if not isinstance(old, dict) or 'layers' not in old: return record, 'it was not written by emi eval'
+    if old.get('checkpoint') != record['checkpoint']:
+        was = old.get('checkpoint') or {}
+        return record, (f"they came from another checkpoint (step {was.get('step')}, "
+                        f"sha256 {str(was.get('sha256'))[:12]}...)" if was else "they did not say which checkpoint")
+    if any(old.get(k) != record[k] for k in ('method', 'dataset', 'n_test', 'samples')):
+        return record, 'they used another test set or sampling'
     layers = {k: dict(v) for k, v in old['layers'].items()}
     for k, r in record['layers'].items():
         if k not in layers: layers[k] = r; continue
         probes = {p: dict(per) for p, per in layers[k]['probes'].items()}
         for p, per in r['probes'].items(): probes[p] = {**probes.get(p, {}), **per}
         layers[k] = {**r, 'probes': probes}
-    return {**record, 'layers': layers}
+    return {**record, 'layers': layers}, None
 
 
 def cmd_eval(args) -> int:
     "emi eval: probes on frozen features (and raw pixels), table on stdout, DIR/eval.json."
     from equivariant_mi.evaluation import evaluate_features, evaluate_method, write_eval
     method, train, test = _eval_plan(args)
+    ck = method.checkpoint
+    if not ck['finished']:
+        print(f"note: the run in {args.run} is unfinished: evaluating its last checkpoint (step {ck['step']}); "
+              f"finish it with: emi train --out {args.run} --resume")
     t0 = time.time()
     seeds = list(range(args.seeds))
     pool = probe_pool(train.labels, args.labels, seeds)
@@ -334,10 +426,15 @@ def cmd_eval(args) -> int:
         layers = {'pixels': pixels, **layers}
     print(results_table(layers))
     record = {'run': str(args.run), 'method': method.name, 'dataset': train.name, 'n_test': len(test),
-              'samples': args.samples, 'layers': layers}
-    path = write_eval(args.run, merge_eval(Path(args.run) / 'eval.json', record))
+              'samples': args.samples, 'checkpoint': {k: ck[k] for k in ('step', 'sha256', 'finished')},
+              'layers': layers}
+    path = Path(args.run) / 'eval.json'
+    merged, dropped = merge_eval(path, record)
+    if dropped: print(f"note: {path} held earlier results; {dropped}, so they were dropped")
+    write_eval(args.run, merged)
+    os.chmod(path, stat.S_IMODE((Path(args.run) / 'config.json').stat().st_mode))   # the run's files share a mode
     print(f"({time.time() - t0:.0f} s; features of {len(pool)} training and {len(test)} test images; "
-          f"written to {path})")
+          f"checkpoint at step {ck['step']}; written to {path})")
     return 0
 
 # %% ../nbs/90_cli.ipynb #c016
@@ -359,6 +456,8 @@ def main(argv=None) -> int:
     commands = {'train': cmd_train, 'eval': cmd_eval, 'list': cmd_list}
     try:
         args = build_parser().parse_args(argv)
+        if args.command is None:
+            raise UsageError("choose a command: train, eval or list (`emi COMMAND --help` shows its options)")
         return commands[args.command](args)
     except UsageError as err:
         print(f"emi: error: {err}", file=sys.stderr)

@@ -4,6 +4,7 @@
 
 # %% ../nbs/07b_runs.ipynb #8b9923af
 from __future__ import annotations
+import hashlib, io, os
 from pathlib import Path
 
 import torch
@@ -13,18 +14,90 @@ from .method import Method, Requirement, config_from_dict, config_to_dict, get_m
 from .utils import atomic_write, read_json, read_jsonl, resolve_device, write_json
 
 # %% auto #0
-__all__ = ['atomic_save', 'load_checkpoint', 'write_run_info', 'read_run_info', 'append_metrics', 'trim_metrics', 'read_metrics',
-           'requirement_record', 'rebuild_requirement', 'same_requirement', 'attach_requirements', 'load_run']
+__all__ = ['CHECKPOINT', 'PREVIOUS', 'atomic_save', 'load_checkpoint', 'save_checkpoint', 'read_checkpoint', 'checkpoint_step',
+           'write_run_info', 'read_run_info', 'append_metrics', 'trim_metrics', 'read_metrics', 'requirement_record',
+           'rebuild_requirement', 'same_requirement', 'attach_requirements', 'run_finished', 'load_run']
 
 # %% ../nbs/07b_runs.ipynb #66580a10
+CHECKPOINT, PREVIOUS = 'checkpoint.pt', 'checkpoint.prev.pt'
+
+
 def atomic_save(obj, path) -> Path:
     "torch.save `obj` to `path` via a temporary file and a rename, so `path` is always a complete checkpoint."
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path, device='cpu') -> dict:
-    "A checkpoint written by `atomic_save`, loaded without running pickled code (weights_only)."
-    return torch.load(path, map_location=device, weights_only=True)
+    "A checkpoint file, loaded without running pickled code (weights_only); a damaged file is a ValueError."
+    path = Path(path)
+    try: return torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError: raise ValueError(f"checkpoint {str(path)!r} does not exist") from None
+    except Exception as e:
+        raise ValueError(f"checkpoint {str(path)!r} is damaged: {_damage(e, path.read_bytes()[:4])}") from None
+
+
+def _damage(e, data: bytes | None = None) -> str:
+    "A short reason why a checkpoint file does not load (torch's own message suggests unsafe loading: not shown)."
+    if data is not None and len(data) == 0: return 'the file is empty'
+    if data is not None and not data.startswith(b'PK'): return 'the file is not a checkpoint (no zip archive header)'
+    if 'zip archive' in str(e) or isinstance(e, EOFError): return 'the file is truncated (incomplete zip archive)'
+    return f'the file does not read back as a checkpoint ({type(e).__name__})'
+
+
+def _check_readable(path, step: int):
+    "Memory-map `path` and check that it is a complete checkpoint of `step` (cheap: tensors are not copied)."
+    ck = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    if not isinstance(ck, dict) or ck.get('step') != step:
+        raise ValueError(f"the checkpoint written to {str(path)!r} reads back as another step")
+
+
+def save_checkpoint(obj: dict, run_dir) -> Path:
+    "Write run_dir/checkpoint.pt, verify that it reads back, and keep the checkpoint it replaces as checkpoint.prev.pt."
+    run_dir = Path(run_dir)
+    new, ck, prev = run_dir / f'.{CHECKPOINT}.{os.getpid()}.new', run_dir / CHECKPOINT, run_dir / PREVIOUS
+    try:
+        atomic_write(new, lambda f: torch.save(obj, f))
+        _check_readable(new, obj['step'])
+        if ck.exists(): os.replace(ck, prev)
+        os.replace(new, ck)
+    finally:
+        if new.exists(): new.unlink()
+    return ck
+
+
+def _usable(path) -> int | None:
+    "The step of the checkpoint at `path` if it reads back completely, else None."
+    try: return torch.load(path, map_location='cpu', weights_only=True, mmap=True)['step']
+    except Exception: return None
+
+
+def read_checkpoint(run_dir, device='cpu') -> tuple:
+    "(checkpoint, {'file', 'step', 'sha256'}) of a run; ValueError for none or a damaged one (naming what is intact)."
+    run_dir = Path(run_dir)
+    ck, prev = run_dir / CHECKPOINT, run_dir / PREVIOUS
+    if not ck.is_file() and prev.is_file(): ck = prev          # stopped between the two renames of save_checkpoint
+    if not ck.is_file():
+        raise ValueError(f"{str(run_dir)!r} has no checkpoint yet (the run stopped before writing its first one)")
+    data = ck.read_bytes()
+    try:
+        state = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+        if not isinstance(state, dict) or not {'model', 'step'} <= set(state): raise ValueError('not a run checkpoint')
+    except Exception as e:
+        step = _usable(prev) if ck != prev and prev.is_file() else None
+        fix = f"the previous checkpoint {str(prev)!r} (step {step}) is intact: move it to {CHECKPOINT} to " \
+              f"continue from there" if step is not None else \
+              "no earlier checkpoint is kept: start the run again (--overwrite)"
+        raise ValueError(f"checkpoint {str(ck)!r} is damaged: {_damage(e, data)}; {fix}") from None
+    return state, {'file': ck.name, 'step': state['step'], 'sha256': hashlib.sha256(data).hexdigest()}
+
+
+def checkpoint_step(run_dir) -> int | None:
+    "The step of the run's checkpoint, read cheaply (None: none yet); a damaged one is `read_checkpoint`'s ValueError."
+    run_dir = Path(run_dir)
+    ck = run_dir / CHECKPOINT if (run_dir / CHECKPOINT).is_file() else run_dir / PREVIOUS
+    if not ck.is_file(): return None
+    step = _usable(ck)
+    return step if step is not None else read_checkpoint(run_dir)[1]['step']
 
 # %% ../nbs/07b_runs.ipynb #63a1da1a
 def write_run_info(run_dir, info: dict) -> Path:
@@ -32,13 +105,24 @@ def write_run_info(run_dir, info: dict) -> Path:
     return write_json(Path(run_dir) / 'config.json', info)
 
 
+_INFO_KEYS = {'method': str, 'config': dict, 'dataset': str, 'fit': dict}
+
+
 def read_run_info(run_dir) -> dict:
     "The parsed config.json of a run directory (a ValueError naming the folder when it is not a run)."
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"{str(run_dir)!r} is a file, not a run directory")
     if not run_dir.is_dir(): raise ValueError(f"run directory {str(run_dir)!r} does not exist")
     if not (run_dir / 'config.json').is_file():
         raise ValueError(f"{str(run_dir)!r} is not a run directory: it has no config.json (fit writes one)")
-    return read_json(run_dir / 'config.json', 'config.json of the run')
+    info = read_json(run_dir / 'config.json', 'config.json of the run')
+    bad = [k for k, t in _INFO_KEYS.items() if not isinstance(info, dict) or not isinstance(info.get(k), t)] or \
+        [f'fit.{k}' for k in ('epochs', 'seed') if not isinstance(info['fit'].get(k), int)]
+    if bad:
+        raise ValueError(f"config.json of the run {str(run_dir)!r} is not one fit wrote: {bad[0]!r} is missing or "
+                         f"of the wrong type (restore the file, or start the run again with --overwrite)")
+    return info
 
 
 def append_metrics(run_dir, row: dict):
@@ -48,10 +132,11 @@ def append_metrics(run_dir, row: dict):
 
 
 def trim_metrics(run_dir, step: int | None):
-    "Keep the rows logged at or before `step` (None: none), so a resumed run does not log a step twice."
+    "Keep the complete rows logged at or before `step` (None: none), so a resumed run does not log a step twice."
     import json
     p = Path(run_dir) / 'metrics.jsonl'
-    rows = [r for r in read_jsonl(p) if r['step'] <= step] if step is not None and p.exists() else []
+    keep = lambda r: r['step'] <= step and not r.get('partial')
+    rows = [r for r in read_jsonl(p) if keep(r)] if step is not None and p.exists() else []
     atomic_write(p, ''.join(json.dumps(r) + '\n' for r in rows))
 
 
@@ -115,15 +200,20 @@ def attach_requirements(method: Method, from_runs: dict | None = None, saved: di
     return records
 
 # %% ../nbs/07b_runs.ipynb #ee8a41a6
+def run_finished(info: dict, ck: dict) -> bool:
+    "Whether the checkpoint `ck` ends the run that config.json `info` describes (every epoch trained)."
+    return ck.get('epoch', 0) >= info['fit']['epochs']
+
+
 def load_run(run_dir, device=None) -> Method:
     "Rebuild the trained method of a run directory from config.json + checkpoint.pt (frozen, in eval mode)."
     info = read_run_info(run_dir)
-    ck = Path(run_dir) / 'checkpoint.pt'
-    if not ck.is_file(): raise ValueError(f"{str(run_dir)!r} has no checkpoint.pt yet (the run saved none)")
+    ck, ident = read_checkpoint(run_dir, 'cpu')
     cls = get_method(info['method'])
     method = cls(config_from_dict(cls.Config, info['config']))
     method.preset = info.get('preset')
     for key, rec in info.get('requires', {}).items(): method.attach(key, rebuild_requirement(rec, key))
-    method.load_state_dict(load_checkpoint(ck, 'cpu')['model'])
+    method.load_state_dict(ck['model'])
     method.run_info = info
+    method.checkpoint = {**ident, 'finished': run_finished(info, ck)}
     return method.to(resolve_device(device)).freeze().eval()

@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_training.ipynb #07a5d44f
 from __future__ import annotations
-import contextlib, dataclasses, math, os, random, time, warnings
+import contextlib, dataclasses, math, os, random, signal, tempfile, threading, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,14 +17,15 @@ from tqdm.auto import tqdm
 
 from .data import ImageSet, GPULoader, balanced_subset, load_dataset
 from .method import Method, Phase, StepContext, config_to_dict, replace_config
-from .runs import (append_metrics, atomic_save, attach_requirements, load_checkpoint, trim_metrics,
-                                 write_run_info)
-from .utils import check_int, check_one_of, is_int, resolve_device
+from .runs import (CHECKPOINT, PREVIOUS, append_metrics, attach_requirements, read_checkpoint,
+                                 save_checkpoint, trim_metrics, write_run_info)
+from .utils import check_int, check_number, check_one_of, is_int, read_json, resolve_device
 
 # %% auto #0
-__all__ = ['PRECISIONS', 'amp_settings', 'seed_everything', 'rng_state', 'set_rng_state', 'phase_parameters', 'make_optimizer',
-           'LRSchedule', 'NonFiniteLossError', 'LossWindow', 'dist_context', 'sync_grads', 'apply_label_budget',
-           'check_fit', 'backward_phases', 'FitResult', 'fit']
+__all__ = ['PRECISIONS', 'MAX_CHECKPOINT_SHARE', 'RUN_FILES', 'amp_settings', 'seed_everything', 'rng_state', 'set_rng_state',
+           'phase_parameters', 'make_optimizer', 'LRSchedule', 'NonFiniteLossError', 'LossWindow',
+           'TrainingInterrupted', 'StopSignals', 'dist_context', 'sync_grads', 'apply_label_budget', 'check_fit',
+           'backward_phases', 'FitResult', 'fit']
 
 # %% ../nbs/07_training.ipynb #9a581cb1
 PRECISIONS = ('auto', 'fp32', 'bf16', 'fp16')
@@ -178,6 +179,50 @@ class LossWindow:
         s = min(st for st, _ in first_bad.values())
         return means, (s, {k: v for k, (st, v) in first_bad.items() if st == s})
 
+    def finite(self, world_size: int = 1, device='cpu') -> bool:
+        "Whether every term in the window is finite, on every process (one host sync; used before a checkpoint)."
+        if not self.values and world_size == 1: return True
+        flat = torch.cat([torch.stack(v) for v in self.values.values()]) if self.values else \
+            torch.zeros(1, device=device)
+        bad = (~torch.isfinite(flat)).any().float().reshape(1)
+        if world_size > 1: dist.all_reduce(bad)
+        return not bool(bad.item())
+
+    def state_dict(self) -> dict:
+        "The window's contents on the CPU: a checkpoint between two log rows carries them, so no row is cut short."
+        return {k: {'values': torch.stack(v).cpu(), 'steps': torch.tensor(self.steps[k])}
+                for k, v in self.values.items()}
+
+    def load_state_dict(self, state: dict, device='cpu'):
+        self.values = {k: list(s['values'].to(device).unbind()) for k, s in state.items()}
+        self.steps = {k: s['steps'].tolist() for k, s in state.items()}
+
+# %% ../nbs/07_training.ipynb #sig0code
+class TrainingInterrupted(KeyboardInterrupt):
+    "fit stopped on SIGINT or SIGTERM after finishing a step and writing a checkpoint of it."
+    def __init__(self, signum: int, step: int, checkpoint=None):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        where = f"checkpoint written to {checkpoint}" if checkpoint else "nothing saved (fit was given no `out`)"
+        super().__init__(f"{signal.Signals(signum).name}: training stopped after step {step}; {where}")
+
+
+class StopSignals:
+    "While active, SIGINT and SIGTERM are recorded in `signum` instead of ending the process; a second SIGINT ends it."
+    def __init__(self): self.signum, self.saved = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM): self.saved[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT: raise KeyboardInterrupt('second Ctrl-C: stopped now')
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self.saved.items(): signal.signal(s, h)
+        self.saved = {}
+
 # %% ../nbs/07_training.ipynb #4ca41f86
 def dist_context():
     "(rank, world_size, local_rank, created) of this process, joining the process group torchrun describes if needed."
@@ -210,8 +255,8 @@ def apply_label_budget(data: ImageSet, n: int | None, seed: int = 0) -> ImageSet
 # %% ../nbs/07_training.ipynb #e2aa1187
 def check_fit(method: Method, data, epochs: int | None = None, out=None, *, batch_size: int | None = None,
               seed: int = 0, resume: bool = False, overwrite: bool = False, max_steps: int | None = None,
-              device=None, precision: str = 'auto', log_every: int = 50, checkpoint_every: int = 500,
-              from_runs: dict | None = None):
+              device=None, precision: str = 'auto', log_every: int = 50, checkpoint_every: int | None = None,
+              checkpoint_minutes: float | None = 5.0, from_runs: dict | None = None):
     "Every check fit makes before training (ValueError naming the argument); returns (data, epochs)."
     if not isinstance(method, Method): raise TypeError(f"`method` must be a Method, got {type(method).__name__}")
     if isinstance(data, str): data = load_dataset(data, 'train')
@@ -221,7 +266,8 @@ def check_fit(method: Method, data, epochs: int | None = None, out=None, *, batc
     if batch_size is not None: method.config = replace_config(method.config, batch_size=batch_size)
     method.config.validate()
     epochs = check_int('epochs', method.config.epochs if epochs is None else epochs)
-    check_int('log_every', log_every); check_int('checkpoint_every', checkpoint_every)
+    check_int('log_every', log_every); check_int('checkpoint_every', checkpoint_every, allow_none=True)
+    check_number('checkpoint_minutes', checkpoint_minutes, 0, open_low=True, allow_none=True)
     check_int('max_steps', max_steps, allow_none=True)
     if not is_int(seed): raise ValueError(f"`seed` must be an int, got {seed!r}")
     amp_settings(resolve_device(device), precision)
@@ -238,7 +284,8 @@ def check_fit(method: Method, data, epochs: int | None = None, out=None, *, batc
     if method.config.label_budget is not None and method.config.label_budget > n_lab:
         raise ValueError(f"`label_budget` {method.config.label_budget} is larger than the {n_lab} labelled items")
     _check_out(out, resume, overwrite)
-    _check_from_runs(method, from_runs, resume and out is not None and (Path(out) / 'checkpoint.pt').is_file())
+    has_ck = out is not None and any((Path(out) / f).is_file() for f in (CHECKPOINT, PREVIOUS))
+    _check_from_runs(method, from_runs, resume and has_ck)
     return data, epochs
 
 
@@ -250,9 +297,17 @@ def _check_out(out, resume, overwrite):
     if out is None: return
     out = Path(out)
     if out.exists() and not out.is_dir(): raise ValueError(f"`out` {str(out)!r} is a file, not a run directory")
-    if (out / 'checkpoint.pt').exists() and not (resume or overwrite):
-        raise ValueError(f"`out` {str(out)!r} already holds a run (checkpoint.pt); pass resume=True to continue it, "
+    held = [f for f in (CHECKPOINT, PREVIOUS, 'config.json') if (out / f).exists()]
+    if held and not (resume or overwrite):
+        raise ValueError(f"`out` {str(out)!r} already holds a run ({held[0]}); pass resume=True to continue it, "
                          f"overwrite=True to start again, or choose another `out`")
+    parent = out
+    while not parent.exists(): parent = parent.parent
+    if not parent.is_dir(): raise ValueError(f"`out` {str(out)!r} cannot be created: {str(parent)!r} is a file")
+    try:
+        with tempfile.TemporaryFile(dir=parent): pass
+    except OSError as e:
+        raise ValueError(f"`out` {str(out)!r} cannot be written ({e.strerror or e}); choose another folder") from None
 
 
 def _check_from_runs(method, from_runs, resuming):
@@ -301,6 +356,7 @@ class FitResult:
     history: list = field(default_factory=list)
     out: Path | None = None
     optimizers: dict = field(default_factory=dict)
+    checkpoint_seconds: list = field(default_factory=list)     # how long each checkpoint of this call took
 
 
 def _package_version():
@@ -310,11 +366,17 @@ def _package_version():
     except Exception: return 'unknown'
 
 
+MAX_CHECKPOINT_SHARE = 0.02    # time-based and end-of-epoch checkpoints take at most this share of the run's time
+
+
 class _Run:
     "The state of one fit call: optimisers, schedules, scalers, counters, logging and checkpoints."
-    def __init__(self, method, model, data, epochs, out, seed, rank, world, device, amp, total_steps):
+    def __init__(self, method, model, data, epochs, out, seed, rank, world, device, amp, total_steps, log_every=50,
+                 checkpoint_every=None, checkpoint_minutes=5.0):
         self.method, self.model, self.data, self.epochs, self.out = method, model, data, epochs, out
         self.seed, self.rank, self.world, self.device, self.amp = seed, rank, world, device, amp
+        self.log_every, self.ck_every, self.ck_minutes = log_every, checkpoint_every, checkpoint_minutes
+        self.last_save, self.save_seconds, self.trim_after = time.time(), [], None
         self.phases = method.phases()
         self.groups = phase_parameters(method, self.phases)
         c = method.config
@@ -344,27 +406,48 @@ class _Run:
                                  f"a schedule over {saved.total_steps} steps, this call would make it {s.total_steps}")
             self.scheds[n] = saved
         self.step, self.pos, self.last_ckpt = ck['step'], (ck['epoch'], ck['batch']), ck['step']
+        if 'windows' in ck: self.window.load_state_dict(ck['windows'][self.rank], self.device)
 
     def save(self):
-        "Checkpoint everything a resumed run needs; every process contributes its generator states."
+        "Checkpoint everything a resumed run needs (each process's generators and unlogged losses); never a NaN state."
+        if not self.window.finite(self.world, self.device): self.flush()                  # raises NonFiniteLossError
+        t = time.time()
+        mine = {'rng': rng_state(), 'window': self.window.state_dict()}
         states = [None] * self.world
-        if self.world > 1: dist.all_gather_object(states, rng_state())
-        else: states = [rng_state()]
+        if self.world > 1: dist.all_gather_object(states, mine)
+        else: states = [mine]
         if self.rank == 0:
             m = self.method
-            atomic_save({'format': 2, 'method': m.name, 'preset': m.preset, 'config': config_to_dict(m.config),
-                         'model': m.state_dict(), 'optimizers': {n: o.state_dict() for n, o in self.opts.items()},
-                         'scalers': {n: s.state_dict() for n, s in self.scalers.items()},
-                         'schedules': {n: s.state_dict() for n, s in self.scheds.items()}, 'rng': states,
-                         'step': self.step, 'epoch': self.pos[0], 'batch': self.pos[1], 'seed': self.seed,
-                         'world_size': self.world, 'requires': m.run_requires}, self.out / 'checkpoint.pt')
-        self.last_ckpt = self.step
+            save_checkpoint({'format': 3, 'method': m.name, 'preset': m.preset, 'config': config_to_dict(m.config),
+                             'model': m.state_dict(), 'optimizers': {n: o.state_dict() for n, o in self.opts.items()},
+                             'scalers': {n: s.state_dict() for n, s in self.scalers.items()},
+                             'schedules': {n: s.state_dict() for n, s in self.scheds.items()},
+                             'rng': [s['rng'] for s in states], 'windows': [s['window'] for s in states],
+                             'step': self.step, 'epoch': self.pos[0], 'batch': self.pos[1], 'seed': self.seed,
+                             'world_size': self.world, 'requires': m.run_requires}, self.out)
+        self.last_ckpt, self.last_save = self.step, time.time()
+        self.save_seconds.append(self.last_save - t)
+
+    def poll(self, epoch_end: bool, signals: StopSignals) -> tuple:
+        "(write a checkpoint now?, the signal asking to stop or 0), the same answer on every process."
+        due = self.out is not None and self.ck_every is not None and self.step % self.ck_every == 0
+        if self.world > 1 and not (epoch_end or self.step % self.log_every == 0):
+            return due, 0                                      # processes agree only where they all meet
+        if self.out is not None and self.ck_minutes is not None:
+            since = time.time() - self.last_save
+            cheap = since * MAX_CHECKPOINT_SHARE >= (self.save_seconds[-1] if self.save_seconds else 0)
+            due = due or (cheap and (epoch_end or since >= 60 * self.ck_minutes))
+        sig = signals.signum or 0
+        if self.world > 1:
+            both = torch.tensor([int(due), sig], device=self.device)
+            dist.all_reduce(both, op=dist.ReduceOp.MAX); due, sig = bool(both[0]), int(both[1])
+        return due, sig
 
     def epoch_float(self) -> float:
         e, b = self.pos
         return float(e) if e >= self.epochs else e + b / self.n_batches[e]
 
-    def flush(self):
+    def flush(self, partial: bool = False):
         "Read the loss window: stop on a non-finite term, else log the means (and the lr of scheduled phases)."
         means, bad = self.window.flush(self.world)
         if bad is not None:
@@ -377,11 +460,16 @@ class _Run:
         lrs = {('lr' if len(self.phases) == 1 else f'{n}/lr'): lr for n, lr in self.lrs.items()
                if not self.scheds[n].constant}
         row = {'step': self.step, 'epoch': round(self.epoch_float(), 4), 'time': round(time.time() - self.t0, 2),
-               **means, **lrs}
+               **means, **lrs, **({'partial': True} if partial else {})}
         self.history.append(row)
         if self.rank == 0:
             self.pbar.set_postfix({k: f'{v:.4g}' for k, v in means.items()}, refresh=False)
-            if self.out is not None: append_metrics(self.out, row)
+            if self.out is not None: self.drop_stale_rows(); append_metrics(self.out, row)
+
+    def drop_stale_rows(self):
+        "A resumed run removes the rows logged after its checkpoint when it logs its first own row (not before)."
+        if self.trim_after is not None and self.rank == 0: trim_metrics(self.out, self.trim_after)
+        self.trim_after = None
 
     def step_phase(self, ph: Phase, ctx: StepContext):
         "Clip, set the scheduled lr and step one phase's optimiser."
@@ -420,16 +508,21 @@ class _Run:
                             {f'{ph.name}/{k}': v for k, v in losses.items()})
 
 # %% ../nbs/07_training.ipynb #7a3ef74f
-def _resume_checkpoint(out, resume, device, method, seed, world):
-    "The checkpoint to continue from (None: start afresh), refused when it belongs to another run."
-    if not resume or out is None or not (out / 'checkpoint.pt').is_file(): return None
-    ck = load_checkpoint(out / 'checkpoint.pt', device)
+def _resume_state(out, resume, device, method, seed, world) -> tuple:
+    "(checkpoint or None, the run's config.json or None) to continue from; refused when they belong to another run."
+    if not resume or out is None: return None, None
+    info = read_json(out / 'config.json', 'config.json of the run') if (out / 'config.json').is_file() else None
+    ck = read_checkpoint(out, device)[0] if any((out / f).is_file() for f in (CHECKPOINT, PREVIOUS)) else None
     mine = {'method': method.name, 'config': config_to_dict(method.config), 'seed': seed, 'world_size': world}
-    diff = [k for k in mine if ck[k] != mine[k]]
+    if ck is not None: saved, what = ck, 'checkpoint'
+    elif info is not None: saved, what = {**info, **{k: info.get('fit', {}).get(k) for k in ('seed', 'world_size')}}, \
+        'config.json'
+    else: return None, None
+    diff = [k for k in mine if saved.get(k) != mine[k]]
     if diff:
-        raise ValueError(f"cannot resume {out}: its checkpoint differs in {diff} (saved {[ck[k] for k in diff]}, "
+        raise ValueError(f"cannot resume {out}: its {what} differs in {diff} (saved {[saved.get(k) for k in diff]}, "
                          f"now {[mine[k] for k in diff]}); resume with the same settings")
-    return ck
+    return ck, info
 
 
 def _run_info(method, data, epochs, seed, world, device, amp, fit_kw, meta) -> dict:
@@ -441,6 +534,17 @@ def _run_info(method, data, epochs, seed, world, device, amp, fit_kw, meta) -> d
                     'device': device.type, 'precision': str(amp[0]).replace('torch.', '') if amp[0] else 'float32',
                     'grad_scaler': amp[1], **fit_kw},
             'meta': meta or {}, 'versions': {'torch': torch.__version__, 'equivariant_mi': _package_version()}}
+
+
+def _resumed_info(old: dict, new: dict, step: int) -> dict:
+    "config.json of a resumed run: what it was started with, the (possibly longer) run length, and when it resumed."
+    fit_now = {k: new['fit'][k] for k in ('epochs', 'max_steps', 'device', 'precision', 'compile')}
+    resumed = old.get('resumed', []) + [{'step': step, **fit_now, 'command': new['meta'].get('command')}]
+    return {**old, 'fit': {**old['fit'], 'epochs': new['fit']['epochs']}, 'resumed': resumed}
+
+
+# the files of a run; overwrite=True removes them before the new run writes its own
+RUN_FILES = ('config.json', 'metrics.jsonl', CHECKPOINT, PREVIOUS, 'eval.json')
 
 
 def _wrap(method, device, world, compile):
@@ -455,20 +559,21 @@ def _wrap(method, device, world, compile):
 # %% ../nbs/07_training.ipynb #209e2b11
 def fit(method: Method, data, epochs: int | None = None, out=None, *, batch_size: int | None = None, seed: int = 0,
         resume: bool = False, overwrite: bool = False, max_steps: int | None = None, device=None,
-        precision: str = 'auto', compile: bool = False, log_every: int = 50, checkpoint_every: int = 500,
-        progress: bool = True, meta: dict | None = None, from_runs: dict | None = None,
-        on_step=None) -> FitResult:
+        precision: str = 'auto', compile: bool = False, log_every: int = 50, checkpoint_every: int | None = None,
+        checkpoint_minutes: float | None = 5.0, progress: bool = True, meta: dict | None = None,
+        from_runs: dict | None = None, on_step=None) -> FitResult:
     "Train `method` on `data` for `epochs`, writing config.json, metrics.jsonl and checkpoint.pt to `out`."
     data, epochs = check_fit(method, data, epochs, out, batch_size=batch_size, seed=seed, resume=resume,
                              overwrite=overwrite, max_steps=max_steps, device=device, precision=precision,
-                             log_every=log_every, checkpoint_every=checkpoint_every, from_runs=from_runs)
+                             log_every=log_every, checkpoint_every=checkpoint_every,
+                             checkpoint_minutes=checkpoint_minutes, from_runs=from_runs)
     rank, world, local_rank, created_group = dist_context()
     device = resolve_device(device, local_rank)
     if device.type == 'cuda':
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True          # fixed batch shapes: let cuDNN pick its fastest kernels once
     amp, out = amp_settings(device, precision), Path(out) if out is not None else None
-    ck = _resume_checkpoint(out, resume, device, method, seed, world)
+    ck, old_info = _resume_state(out, resume, device, method, seed, world)
     run = None
     try:
         data = apply_label_budget(data.to(device), method.config.label_budget, seed)
@@ -480,39 +585,52 @@ def fit(method: Method, data, epochs: int | None = None, out=None, *, batch_size
         n_batches = [len(GPULoader(len(data), method.batch_size_for(e), seed=seed, device=device, rank=rank,
                                    world_size=world)) for e in range(epochs)]
         run = _Run(method, _wrap(method, device, world, compile), data, epochs, out, seed, rank, world, device, amp,
-                   sum(n_batches))
+                   sum(n_batches), log_every, checkpoint_every, checkpoint_minutes)
         run.n_batches = n_batches
         if ck is not None: run.restore(ck)
-        fit_kw = dict(compile=compile, max_steps=max_steps, log_every=log_every, checkpoint_every=checkpoint_every)
+        fit_kw = dict(compile=compile, max_steps=max_steps, log_every=log_every, checkpoint_every=checkpoint_every,
+                      checkpoint_minutes=checkpoint_minutes, precision_option=precision)
         if rank == 0 and out is not None:
+            if overwrite:
+                for f in RUN_FILES: (out / f).unlink(missing_ok=True)
             out.mkdir(parents=True, exist_ok=True)
-            write_run_info(out, _run_info(method, data, epochs, seed, world, device, amp, fit_kw, meta))
-            trim_metrics(out, run.step if ck is not None else None)
+            info = _run_info(method, data, epochs, seed, world, device, amp, fit_kw, meta)
+            write_run_info(out, _resumed_info(old_info, info, run.step) if old_info is not None else info)
+            if old_info is None and ck is None: trim_metrics(out, None)     # a new run starts an empty log
+            else: run.trim_after = run.step                                 # rows after the checkpoint: stale
         total = sum(n_batches) if max_steps is None else min(sum(n_batches), max_steps)
         run.pbar = tqdm(total=total, initial=min(run.step, total), disable=(rank != 0 or not progress),
                         desc=f'fit {method.name}', dynamic_ncols=True)
         if ck is not None: set_rng_state(ck['rng'][rank])
         method.train()
         stopped = max_steps is not None and run.step >= max_steps
-        while run.pos[0] < epochs and not stopped:
-            e = run.pos[0]
-            for b, idx in enumerate(run.loader(e, run.pos[1]), start=run.pos[1]):
-                ctx = StepContext(run.step, e, b, epochs, run.total, None, seed, rank)
-                run.train_step(method.batch_for(data, idx, ctx), ctx)
-                run.step += 1
-                run.pos = (e, b + 1) if b + 1 < n_batches[e] else (e + 1, 0)
-                run.pbar.update()
-                if run.step % log_every == 0: run.flush()
-                if out is not None and run.step % checkpoint_every == 0:
-                    run.flush(); run.save()
-                if on_step is not None and on_step(ctx): stopped = True; break    # e.g. a benchmark's clock
-                if max_steps is not None and run.step >= max_steps:
-                    stopped = True; break
-        run.flush()
-        if out is not None and run.last_ckpt != run.step: run.save()
+        with StopSignals() as signals:
+            run.last_save = time.time()
+            while run.pos[0] < epochs and not stopped:
+                e = run.pos[0]
+                for b, idx in enumerate(run.loader(e, run.pos[1]), start=run.pos[1]):
+                    ctx = StepContext(run.step, e, b, epochs, run.total, None, seed, rank)
+                    run.train_step(method.batch_for(data, idx, ctx), ctx)
+                    run.step += 1
+                    run.pos = (e, b + 1) if b + 1 < n_batches[e] else (e + 1, 0)
+                    run.pbar.update()
+                    if run.step % log_every == 0: run.flush()
+                    due, sig = run.poll(run.pos[1] == 0, signals)
+                    if out is not None and (due or sig): run.save()
+                    if sig:
+                        run.flush(partial=True)
+                        raise TrainingInterrupted(sig, run.step, out / CHECKPOINT if out is not None else None)
+                    if on_step is not None and on_step(ctx): stopped = True; break    # e.g. a benchmark's clock
+                    if max_steps is not None and run.step >= max_steps:
+                        stopped = True; break
+        completed = run.pos[0] >= epochs
+        if completed: run.flush()
+        if out is not None and run.last_ckpt != run.step: run.save()     # before a partial row: it keeps the window
+        if not completed: run.flush(partial=True)
+        if completed and out is not None: run.drop_stale_rows()
         if world > 1: dist.barrier()
         method.eval()
-        return FitResult(method, run.step, run.epoch_float(), run.pos[0] >= epochs, run.history, out, run.opts)
+        return FitResult(method, run.step, run.epoch_float(), completed, run.history, out, run.opts, run.save_seconds)
     finally:
         if run is not None and run.pbar is not None: run.pbar.close()
         if created_group: dist.destroy_process_group()

@@ -88,8 +88,8 @@ def test_two_processes_identical_disjoint_shards_and_resume(tmp_path):
     ck = torch.load(out / 'checkpoint.pt', weights_only=True)
     assert ck['world_size'] == 2 and len(ck['rng']) == 2 and ck['step'] == 8
     for k in r0['params']: assert torch.equal(ck['model'][k], r0['params'][k]), k
-    assert sorted(p.name for p in out.iterdir()) == ['checkpoint.pt', 'config.json', 'metrics.jsonl', 'rank0-8.pt',
-                                                     'rank1-8.pt']
+    assert sorted(p.name for p in out.iterdir()) == ['checkpoint.prev.pt', 'checkpoint.pt', 'config.json',
+                                                     'metrics.jsonl', 'rank0-8.pt', 'rank1-8.pt']
 
     split = tmp_path / 'split'
     assert torch.load(split / 'rank0-5.pt')['step'] == 5
