@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from . import method as M, runs as R, training as T
-from .utils import read_json, resolve_device
+from .utils import check_int, check_number, read_json, resolve_device
 from . import data as D
 
 # %% auto #0
@@ -26,25 +26,17 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message): raise UsageError(f"{self.prog}: {message}")
 
 
-def _positive_int(s):
-    "argparse type: an integer >= 1."
-    try: v = int(s)
-    except ValueError: raise argparse.ArgumentTypeError(f"must be a positive integer, got {s!r}") from None
-    if v < 1: raise argparse.ArgumentTypeError(f"must be a positive integer, got {s!r}")
-    return v
+def _parsed(convert, check, what):
+    "An argparse type: convert the string, then apply utils' rule; a failure says what was expected."
+    def parse(s):
+        try: return check(convert(s))
+        except ValueError: raise argparse.ArgumentTypeError(f"must be {what}, got {s!r}") from None
+    return parse
 
 
-def _positive_float(s):
-    "argparse type: a number > 0."
-    try: v = float(s)
-    except ValueError: raise argparse.ArgumentTypeError(f"must be a positive number, got {s!r}") from None
-    if not v > 0 or v == float('inf'): raise argparse.ArgumentTypeError(f"must be a positive number, got {s!r}")
-    return v
-
-
-def _int(s):
-    try: return int(s)
-    except ValueError: raise argparse.ArgumentTypeError(f"must be an integer, got {s!r}") from None
+_positive_int = _parsed(int, lambda v: check_int('value', v), 'a positive integer')
+_positive_float = _parsed(float, lambda v: check_number('value', v, 0, open_low=True), 'a positive number')
+_int = _parsed(int, lambda v: v, 'an integer')
 
 
 def _int_list(s):
