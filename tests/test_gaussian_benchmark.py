@@ -19,9 +19,10 @@ def test_cli_runs_as_a_module_and_writes_json(tmp_path):
     assert 'I = 4 nats' in r.stdout and 'steps/s' in r.stdout and 'wrote' in r.stdout, r.stdout
     d = json.loads(out.read_text())
     assert d['config']['levels'] == [2.0, 4.0] and d['config']['steps'] == 3
-    est = d['estimates']                                    # [step][critic][estimator][replica]
-    assert len(est) == 6 and len(est[0]) == 1 and len(est[0][0]) == 2
-    assert all(s[0][1][0] <= math.log(64) + 1e-4 for s in est)   # InfoNCE never above log B
+    assert d['shape'] == [6, 1, 2, 1]                       # [step, critic, estimator, replica], stored flat
+    est = d['estimates']
+    assert len(est) == 6 * 2 and all(v <= math.log(64) + 1e-4 for v in est[1::2])   # InfoNCE never above log B
+    assert d['ba'] is None                                  # BA was not asked for
     assert {r['level'] for r in d['summary']} == {2.0, 4.0}
 
 
