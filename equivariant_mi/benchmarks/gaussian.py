@@ -164,7 +164,7 @@ def stacked_mlp(layers, h):
     "K ReLU MLPs at once: layer l maps h_k -> h_k W_lk^T + b_lk for all k in one batched product; [K, N, in] -> [K, N, out]."
     for i, (w, b) in enumerate(layers):
         h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
-        if i < len(layers) - 1: h = h.relu_()     # in place is safe: baddbmm's backward needs its inputs, not its output
+        if i < len(layers) - 1: h = h.relu_()     # in place is safe: baddbmm's backward needs its inputs only
     return h
 
 
@@ -172,17 +172,17 @@ def _check_stackable(modules):
     "Raise a ValueError unless `modules` are critics of one kind from CRITICS, same shapes, of Linear and ReLU only."
     kinds = {type(m) for m in modules}
     if not modules or len(kinds) != 1 or not issubclass(next(iter(kinds)), tuple(CRITICS.values())):
-        raise ValueError(f"`modules` must be one or more critics of one kind from {[c.__name__ for c in CRITICS.values()]}, "
+        raise ValueError(f"`modules` must be critics of one kind from {[c.__name__ for c in CRITICS.values()]}, "
                          f"got {sorted(k.__name__ for k in kinds)}")
     leaves = {type(l) for m in modules for l in m.modules() if not list(l.children())}
     if not leaves <= {torch.nn.Linear, torch.nn.ReLU}:
-        raise ValueError(f"`modules` must be MLPs of Linear and ReLU layers, got layers {sorted(l.__name__ for l in leaves)}")
+        raise ValueError(f"`modules` must be MLPs of Linear and ReLU layers, got {sorted(l.__name__ for l in leaves)}")
     shapes = {tuple((n, tuple(p.shape)) for n, p in m.named_parameters()) for m in modules}
     if len(shapes) != 1: raise ValueError("`modules` must all have the same parameter shapes")
 
 
 def stack_critics(modules, dtype='fp32'):
-    "Stack K same-shaped critics: params {name: [K, ...]} (new leaves) and scores(params, x [K,B,d], y [K,B',d]) -> [K,B,B']."
+    "Stack K same-shaped critics: params {name: [K, ...]} and scores(params, x [K,B,d], y [K,B',d]) -> [K,B,B']."
     modules = list(modules)
     _check_stackable(modules)
     low = DTYPES[check_one_of('dtype', dtype, DTYPES)]
@@ -354,7 +354,7 @@ def _staircase_step(cfg, device, rho, dtype='fp32', capturable=False):
         ba_params, log_q = stack_conditionals(mods, dtype)
         params += list(ba_params.values())
         h_y = gaussian_entropy(torch.zeros(cfg.dim)).item()      # H(Y) of N(0, I_d), known in this benchmark
-    fused = True if device.type in ('cpu', 'cuda') else None     # one fused kernel for all parameters where torch has one
+    fused = True if device.type in ('cpu', 'cuda') else None     # one fused kernel for all parameters
     opt = torch.optim.Adam(params, lr=cfg.lr, capturable=capturable, fused=fused)
     estimators = [ESTIMATORS[n] for n in cfg.critic_estimators]
 
@@ -381,7 +381,7 @@ def _staircase_step(cfg, device, rho, dtype='fp32', capturable=False):
         return loss, torch.cat(out)
 
     def step():
-        opt.zero_grad(set_to_none=True)   # under graph capture this makes backward write fresh .grad in the graph's pool
+        opt.zero_grad(set_to_none=True)   # under graph capture: backward writes fresh .grad in the graph's pool
         loss, estimates = loss_and_estimates()
         loss.backward()
         opt.step()
@@ -394,7 +394,8 @@ def _staircase_step(cfg, device, rho, dtype='fp32', capturable=False):
 def _resolve_dtype(dtype, device):
     "'auto' -> 'bf16' on a CPU with native bfloat16 dot products (AVX512-BF16 or AMX), else 'fp32'; checks the name."
     if check_one_of('dtype', dtype, ('auto', *DTYPES)) != 'auto': return dtype
-    native = any(getattr(torch.cpu, f, lambda: False)() for f in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'))
+    native = any(getattr(torch.cpu, f, lambda: False)()
+                 for f in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'))
     return 'bf16' if device.type == 'cpu' and native else 'fp32'
 
 
@@ -419,7 +420,7 @@ def run_staircase(config=None, device=None, dtype='auto', cuda_graph='auto', com
                   **overrides):
     "Train every estimator x critic family of `config` (and BA) together on the MI staircase; a StaircaseResult."
     cfg = StaircaseConfig(**overrides) if config is None else StaircaseConfig(**{**asdict(config), **overrides})
-    if threads is not None:                           # CPU threads for this run only; the caller's setting comes back afterwards
+    if threads is not None:                           # CPU threads for this run only; the caller's setting comes back
         threads, before = check_int('threads', threads), torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
@@ -430,13 +431,14 @@ def run_staircase(config=None, device=None, dtype='auto', cuda_graph='auto', com
     dtype = _resolve_dtype(dtype, device)
     check_one_of('cuda_graph', cuda_graph, ('auto', True, False))
     use_graph = device.type == 'cuda' and cuda_graph in ('auto', True)
-    if cuda_graph is True and device.type != 'cuda': raise ValueError(f"`cuda_graph=True` needs a CUDA device, got {device}")
+    if cuda_graph is True and device.type != 'cuda':
+        raise ValueError(f"`cuda_graph=True` needs a CUDA device, got {device}")
     if device.type == 'cpu': _keep_freed_memory()
     C, E, R = len(cfg.critics), len(cfg.critic_estimators), cfg.replicas
     n_out = C * E * R + (R if BA in cfg.estimators else 0)
     starts = np.cumsum((0,) + cfg.steps_per_level)          # first step of every level, then the total
     n_steps = int(starts[-1])
-    warmup = 3                                         # eager steps on a side stream before capture, as CUDA graphs require
+    warmup = 3                                         # eager steps on a side stream before capture (CUDA graphs)
     fork_devices = [device] if device.type == 'cuda' else []
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(cfg.seed)
@@ -551,7 +553,8 @@ def plot_staircase(result, smooth=None, figsize=None):
     names = cfg.critic_estimators
     has_ba = result.ba is not None
     C, E = max(1, len(cfg.critics) if names else 1), len(names) + has_ba
-    fig, axes = plt.subplots(C, E, figsize=figsize or (3.2 * E, 2.6 * C), dpi=80, sharex=True, sharey=True, squeeze=False)
+    fig, axes = plt.subplots(C, E, figsize=figsize or (3.2 * E, 2.6 * C), dpi=80, sharex=True, sharey=True,
+                             squeeze=False)
     t = np.arange(len(result.true_mi))
     top = max(cfg.levels) * 1.6 + 1
 
@@ -589,7 +592,7 @@ def gaussian_explorer(dim=20):
     import matplotlib.pyplot as plt
 
     def show(mi=6.0, batch=64):
-        est = optimal_critic_estimates(mi, batch=batch, dim=dim, n_batches=max(4, 2048 // batch))   # bounded memory at large B
+        est = optimal_critic_estimates(mi, batch=batch, dim=dim, n_batches=max(4, 2048 // batch))   # bounded memory
         fig, ax = plt.subplots(figsize=(6, 3.2), dpi=80)
         names = list(est)
         ax.bar(range(len(names)), [est[n][0] for n in names], yerr=[est[n][1] for n in names],
@@ -597,11 +600,13 @@ def gaussian_explorer(dim=20):
         ax.axhline(mi, color='k', lw=1, label=f'true MI = {mi:g}')
         ax.axhline(math.log(batch), color='gray', ls='--', lw=1, label=f'log B = {math.log(batch):.2f}')
         ax.set_xticks(range(len(names)), [ESTIMATORS[n].label for n in names], fontsize=8)
-        ax.set(title=f'Optimal-critic estimates, d = {dim}, B = {batch}', ylabel='nats', ylim=(-1, max(mi, math.log(batch)) * 1.5 + 1))
+        ax.set(title=f'Optimal-critic estimates, d = {dim}, B = {batch}', ylabel='nats',
+               ylim=(-1, max(mi, math.log(batch)) * 1.5 + 1))
         ax.legend(fontsize=8, loc='upper left'); plt.show()
 
-    return widgets.interactive(show, mi=widgets.FloatSlider(value=6.0, min=0.5, max=16.0, step=0.5, description='true MI'),
-                               batch=widgets.SelectionSlider(options=[8, 16, 32, 64, 128, 256, 512, 1024], value=64, description='batch B'))
+    return widgets.interactive(
+        show, mi=widgets.FloatSlider(value=6.0, min=0.5, max=16.0, step=0.5, description='true MI'),
+        batch=widgets.SelectionSlider(options=[8, 16, 32, 64, 128, 256, 512, 1024], value=64, description='batch B'))
 
 # %% ../../nbs/02_gaussian_benchmark.ipynb #29fde100
 def main(argv=None):
@@ -611,7 +616,8 @@ def main(argv=None):
                                             'critics, and Barber-Agakov with a Gaussian q(y|x), trained together.')
     p.add_argument('--full', action='store_true',
                    help='the whole protocol: 4000 steps per level (default: 200, a smoke run)')
-    p.add_argument('--steps', type=int, nargs='+', help='steps per level, one value or one per level (overrides --full)')
+    p.add_argument('--steps', type=int, nargs='+',
+                   help='steps per level, one value or one per level (overrides --full)')
     p.add_argument('--levels', type=float, nargs='+', default=list(POOLE_LEVELS),
                    help='true MI levels in nats (default: 2 4 6 8 10)')
     p.add_argument('--estimators', nargs='+', default=list(ALL_ESTIMATORS), choices=list(ALL_ESTIMATORS),
@@ -629,7 +635,8 @@ def main(argv=None):
     p.add_argument('--cuda-graph', default='auto', choices=['auto', 'on', 'off'],
                    help='capture the step as a CUDA graph (auto: on CUDA)')
     p.add_argument('--compile', action='store_true', help='torch.compile the step (adds compile time)')
-    p.add_argument('--threads', type=int, help="CPU threads (default: torch's); 1 is faster on a CPU other jobs are using")
+    p.add_argument('--threads', type=int,
+                   help="CPU threads (default: torch's); 1 is faster on a CPU other jobs are using")
     p.add_argument('--tail', type=float, default=0.5,
                    help='fraction of each level used for bias/variance (default: last half)')
     p.add_argument('--out', default='gaussian_benchmark.json', help='JSON output path')
@@ -642,7 +649,8 @@ def main(argv=None):
                               estimators=tuple(a.estimators), critics=tuple(a.critics), lr=a.lr, replicas=a.replicas,
                               seed=a.seed)
         res = run_staircase(cfg, device=a.device, dtype=a.dtype, compile=a.compile, threads=a.threads,
-                            cuda_graph={'auto': 'auto', 'on': True, 'off': False}[a.cuda_graph], progress=not a.no_progress)
+                            cuda_graph={'auto': 'auto', 'on': True, 'off': False}[a.cuda_graph],
+                            progress=not a.no_progress)
     except ValueError as err:
         p.error(str(err))
     n = res.estimates.shape[0]
@@ -650,11 +658,12 @@ def main(argv=None):
     print(format_table(summarize(res, a.tail), batch=cfg.batch))
     nets = (len(cfg.critics) * len(cfg.critic_estimators) + (BA in cfg.estimators)) * cfg.replicas
     print(f"{n} steps x {nets} networks in {res.seconds:.1f} s "
-          f"({res.info['steps_per_second']:.1f} steps/s, {1000 / res.info['steps_per_second']:.2f} ms/step) on {res.device}; "
+          f"({res.info['steps_per_second']:.1f} steps/s, {1000 / res.info['steps_per_second']:.2f} ms/step) "
+          f"on {res.device}; "
           f"torch {torch.__version__}, {res.info['dtype']}, cuda_graph={res.info['cuda_graph']}, compile={a.compile}")
     print('wrote', res.save(a.out))
     return res
 
 
-if __name__ == '__main__' and not hasattr(builtins, '__IPYTHON__'):   # run as a script, not when a notebook executes this cell
+if __name__ == '__main__' and not hasattr(builtins, '__IPYTHON__'):   # a script, not a notebook executing this cell
     main()
