@@ -94,6 +94,11 @@ ALL_ESTIMATORS = (*ESTIMATORS, BA)
 LABELS = {**{n: e.label for n, e in ESTIMATORS.items()}, BA: 'BA, Gaussian q'}
 
 
+def _label(name):
+    "The display name of an estimator, including ones registered in ESTIMATORS after import."
+    return ESTIMATORS[name].label if name in ESTIMATORS else LABELS.get(name, name)
+
+
 def _check_names(names, name, allowed):
     "Return `names` as a tuple after checking each against `allowed`; a lone string counts as one name."
     names = (names,) if isinstance(names, str) else tuple(names)
@@ -106,7 +111,7 @@ def _check_names(names, name, allowed):
 # %% ../../nbs/02_gaussian_benchmark.ipynb #d34b5e9e
 def optimal_critic_estimates(mi, batch=64, dim=20, n_batches=32, estimators=ALL_ESTIMATORS, seed=0, device=None):
     "Mean and standard deviation over `n_batches` batches of each estimator at the optimal critic (BA: at q = p(y|x))."
-    estimators = _check_names(estimators, 'estimators', ALL_ESTIMATORS)
+    estimators = _check_names(estimators, 'estimators', (*ESTIMATORS, BA))
     rho = rho_for_mi(mi, dim)
     g = torch.Generator(device=device or 'cpu').manual_seed(seed)
     x, y = sample_correlated_gaussian(rho, check_int('batch', batch, 2), dim,
@@ -256,7 +261,7 @@ class StaircaseConfig:
         levels = (self.levels,) if isinstance(self.levels, numbers.Real) else self.levels
         self.levels = tuple(check_number('levels', m, 0) for m in levels)
         if not self.levels: raise ValueError("`levels` must list at least one MI value in nats, got none")
-        self.estimators = _check_names(self.estimators, 'estimators', ALL_ESTIMATORS)
+        self.estimators = _check_names(self.estimators, 'estimators', (*ESTIMATORS, BA))   # ESTIMATORS may grow
         self.critics = _check_names(self.critics, 'critics', CRITICS)
         if isinstance(self.steps, numbers.Integral): check_int('steps', self.steps)
         else:
@@ -526,7 +531,7 @@ def format_table(rows, batch=None):
     sub = f"{'':<10} {'':<17}" + ''.join(f"{'bias /  variance':>19}" for _ in levels)
     lines = [head, sub, '-' * len(head)]
     for critic, name in keys:
-        label = LABELS.get(name, name)
+        label = _label(name)
         lines.append(f'{critic:<10} {label:<17}' + ''.join(
             f"   {fmt(cell[critic, name, m]['bias'])} / {fmv(cell[critic, name, m]['variance'])}" for m in levels))
     ns = sorted({r['n'] for r in rows})
@@ -569,10 +574,10 @@ def plot_staircase(result, smooth=None, figsize=None):
 
     for c, critic in enumerate(cfg.critics if names else ()):
         for e, name in enumerate(names):
-            panel(axes[c, e], result.estimates[:, c, e], f'C{e}', LABELS[name] if c == 0 else None,
+            panel(axes[c, e], result.estimates[:, c, e], f'C{e}', _label(name) if c == 0 else None,
                   f'{critic} critic\nestimate (nats)' if e == 0 else None)
     if has_ba:
-        panel(axes[0, E - 1], result.ba, 'C4', LABELS[BA] + ' q(y|x)', None if names else 'estimate (nats)')
+        panel(axes[0, E - 1], result.ba, 'C4', _label(BA) + ' q(y|x)', None if names else 'estimate (nats)')
         for c in range(1, C):
             ax = axes[c, E - 1]
             ax.text(0.5, 0.5, 'BA uses no critic:\nits one q(y|x)\nis in the row above', ha='center', va='center',
@@ -599,7 +604,7 @@ def gaussian_explorer(dim=20):
                color=[f'C{i}' for i in range(len(names))], capsize=4)
         ax.axhline(mi, color='k', lw=1, label=f'true MI = {mi:g}')
         ax.axhline(math.log(batch), color='gray', ls='--', lw=1, label=f'log B = {math.log(batch):.2f}')
-        ax.set_xticks(range(len(names)), [ESTIMATORS[n].label for n in names], fontsize=8)
+        ax.set_xticks(range(len(names)), [_label(n) for n in names], fontsize=8)
         ax.set(title=f'Optimal-critic estimates, d = {dim}, B = {batch}', ylabel='nats',
                ylim=(-1, max(mi, math.log(batch)) * 1.5 + 1))
         ax.legend(fontsize=8, loc='upper left'); plt.show()
