@@ -13,12 +13,12 @@ import torch.nn.functional as F
 
 # %% ../nbs/00_bounds.ipynb #c006
 def _as_pairs(scores, name='scores'):
-    "Check `scores` is [B, B] or [B, B, M] with B >= 2 and return it as a float [B, B, M] view (M = 1 for a matrix)."
+    "Check `scores` is [B, B] or [B, B, L] with B >= 2 and return it as a float [B, B, L] view (L = 1 for a matrix)."
     if not isinstance(scores, torch.Tensor):
-        raise TypeError(f"`{name}` must be a torch.Tensor of shape [B, B] or [B, B, M], got {type(scores).__name__}")
+        raise TypeError(f"`{name}` must be a torch.Tensor of shape [B, B] or [B, B, L], got {type(scores).__name__}")
     if scores.dim() not in (2, 3) or scores.shape[0] != scores.shape[1] or scores.shape[0] < 2:
-        raise ValueError(f"`{name}` must have shape [B, B] or [B, B, M] with B >= 2 "
-                         f"(scores[i, j] = T(x_i, y_j), positives on the diagonal), got {list(scores.shape)}")
+        raise ValueError(f"`{name}` must have shape [B, B] or [B, B, L] with B >= 2 "
+                         f"(scores[i, j] = f(x_i, y_j), positives on the diagonal), got {list(scores.shape)}")
     if scores.dim() == 2: scores = scores.unsqueeze(-1)
     # half precision (autocast) would overflow in exp/logsumexp: compute every bound in at least float32
     return scores.to(torch.promote_types(scores.dtype, torch.float32))
@@ -30,23 +30,23 @@ def _positive_mask(s):
 
 
 def _positives(s):
-    "The positive scores s[i, i, m] as a [B, M] tensor."
+    "The positive scores s[i, i, m] as a [B, L] tensor."
     return torch.diagonal(s, dim1=0, dim2=1).transpose(0, 1)
 
 
 def _neg_logmeanexp(s, exclude_positives):
     "log of the mean of e^s over the negatives: off-diagonal entries, or all entries if not `exclude_positives`."
-    B, _, M = s.shape
+    B, _, L = s.shape
     if exclude_positives:
-        return torch.logsumexp(s.masked_fill(_positive_mask(s), float('-inf')).flatten(), 0) - math.log(B * (B - 1) * M)
-    return torch.logsumexp(s.flatten(), 0) - math.log(B * B * M)
+        return torch.logsumexp(s.masked_fill(_positive_mask(s), float('-inf')).flatten(), 0) - math.log(B * (B - 1) * L)
+    return torch.logsumexp(s.flatten(), 0) - math.log(B * B * L)
 
 
 def _neg_mean(values, exclude_positives):
-    "Mean of `values` [B, B, M] over the negatives: off-diagonal entries, or all entries if not `exclude_positives`."
-    B, _, M = values.shape
+    "Mean of `values` [B, B, L] over the negatives: off-diagonal entries, or all entries if not `exclude_positives`."
+    B, _, L = values.shape
     if exclude_positives:
-        return torch.where(_positive_mask(values), 0.0, values).sum() / (B * (B - 1) * M)
+        return torch.where(_positive_mask(values), 0.0, values).sum() / (B * (B - 1) * L)
     return values.mean()
 
 # %% ../nbs/00_bounds.ipynb #c012
@@ -62,7 +62,7 @@ def ba_bound(
 
 
 def gaussian_log_prob(y, mean, log_var=None):
-    "log N(y; mean, diag(exp(log_var))) summed over the last axis; `log_var=None` means unit variance; half inputs are computed in float32."
+    "log N(y; mean, diag(exp(log_var))) summed over the last axis (log_var=None: unit variance); half inputs in float32."
     if log_var is None: log_var = torch.zeros_like(mean)
     y, mean, log_var = (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in (y, mean, log_var))
     return -0.5 * ((y - mean) ** 2 * torch.exp(-log_var) + log_var + math.log(2 * math.pi)).sum(-1)
@@ -74,21 +74,21 @@ def gaussian_entropy(log_var):
 
 # %% ../nbs/00_bounds.ipynb #c016
 def dv_bound(
-    scores:torch.Tensor, # [B, B] or [B, B, M]: scores[i, j(, m)] = T(x_i, y_j (at location m)), positives where i == j
-    exclude_positives:bool=True, # negatives = pairs with j != i (DIM); False: all B*B*M pairs
+    scores:torch.Tensor, # [B, B] or [B, B, L]: scores[i, j(, m)] = f(x_i, y_j (at location m)), positives where i == j
+    exclude_positives:bool=True, # negatives = pairs with j != i (DIM); False: all B*B*L pairs
 ) -> torch.Tensor: # scalar estimate in nats; the training loss is its negative
-    "Donsker-Varadhan (MINE): I >= mean_i T(x_i,y_i) - log mean_{j != i} e^{T(x_i,y_j)} over scores [B,B] or [B,B,M]."
+    "DV (MINE) batch estimate mean_i f_ii - log mean_{j!=i} e^{f_ij} of E_p[f] - log E_pp[e^f] <= I; biased upward."
     s = _as_pairs(scores)
     return _positives(s).mean() - _neg_logmeanexp(s, exclude_positives)
 
 # %% ../nbs/00_bounds.ipynb #c020
 def mine_objective(
-    scores:torch.Tensor, # [B, B] or [B, B, M]: scores[i, j(, m)] = T(x_i, y_j (at location m)), positives where i == j
-    log_ema:torch.Tensor|None=None, # log of the moving average of E_M[e^T] from the previous step; None on the first
+    scores:torch.Tensor, # [B, B] or [B, B, L]: scores[i, j(, m)] = f(x_i, y_j (at location m)), positives where i == j
+    log_ema:torch.Tensor|None=None, # log of the moving average of E_{p(x)p(y)}[e^f] so far; None on the first step
     rate:float=0.01, # weight of the current batch in the moving average (1: no averaging, plain DV)
-    exclude_positives:bool=True, # negatives = pairs with j != i (DIM); False: all B*B*M pairs
+    exclude_positives:bool=True, # negatives = pairs with j != i (DIM); False: all B*B*L pairs
 ): # (objective, new_log_ema): maximise the objective, carry new_log_ema to the next step
-    "MINE: value = DV estimate, gradient = grad mean T_J - grad Z_hat / Z_ema with Z_ema a moving average of E_M[e^T]; returns (objective, new log_ema)."
+    "MINE: value = DV estimate, gradient = grad mean f_XY - grad Z_hat / Z_ema (Z_ema: moving average); (objective, log_ema)."
     if not 0 < rate <= 1: raise ValueError(f"`rate` must be in (0, 1], got {rate!r}")
     s = _as_pairs(scores)
     log_z = _neg_logmeanexp(s, exclude_positives)  # log Z_hat of this batch
@@ -99,31 +99,31 @@ def mine_objective(
 
 # %% ../nbs/00_bounds.ipynb #c024
 def nwj_bound(
-    scores:torch.Tensor, # [B, B] or [B, B, M]: scores[i, j(, m)] = T(x_i, y_j (at location m)), positives where i == j
-    exclude_positives:bool=True, # negatives = pairs with j != i (DIM); False: all B*B*M pairs
-    max_score:float|None=50.0, # soft cap c: T -> c - softplus(c - T) keeps e^T finite; None: no cap
+    scores:torch.Tensor, # [B, B] or [B, B, L]: scores[i, j(, m)] = f(x_i, y_j (at location m)), positives where i == j
+    exclude_positives:bool=True, # negatives = pairs with j != i (DIM); False: all B*B*L pairs
+    max_score:float|None=50.0, # soft cap c: f -> c - softplus(c - f) keeps e^f finite; None: no cap
 ) -> torch.Tensor: # scalar estimate in nats; the training loss is its negative
-    "NWJ: I >= mean_i T(x_i,y_i) - e^{-1} mean_{j != i} e^{T(x_i,y_j)}; T soft-capped at `max_score` so e^T stays finite."
+    "NWJ batch estimate mean_i f_ii - e^{-1} mean_{j!=i} e^{f_ij}: unbiased for E_p[f] - E_pp[e^{f-1}] <= I; f capped."
     s = _as_pairs(scores)
-    if max_score is not None: s = max_score - F.softplus(max_score - s)  # smooth min(T, max_score): still a critic
+    if max_score is not None: s = max_score - F.softplus(max_score - s)  # smooth min(f, max_score): still a critic
     return _positives(s).mean() - torch.exp(_neg_logmeanexp(s, exclude_positives) - 1)
 
 # %% ../nbs/00_bounds.ipynb #c028
 def jsd_bound(
-    scores:torch.Tensor, # [B, B] or [B, B, M]: scores[i, j(, m)] = T(x_i, y_j (at location m)), positives where i == j
-    exclude_positives:bool=True, # negatives = pairs with j != i (DIM); False: all B*B*M pairs
+    scores:torch.Tensor, # [B, B] or [B, B, L]: scores[i, j(, m)] = f(x_i, y_j (at location m)), positives where i == j
+    exclude_positives:bool=True, # negatives = pairs with j != i (DIM); False: all B*B*L pairs
 ) -> torch.Tensor: # scalar in [-2 log 2, 0]; the training loss is its negative
-    "Jensen-Shannon (DIM eq. 4): mean_i -softplus(-T(x_i,y_i)) - mean_{j != i} softplus(T(x_i,y_j)) <= 2 JSD(J||M) - 2 log 2."
+    "Jensen-Shannon (DIM eq. 4): mean_i -softplus(-f_ii) - mean_{j != i} softplus(f_ij), a bound on 2 JSD - 2 log 2."
     s = _as_pairs(scores)
     return -F.softplus(-_positives(s)).mean() - _neg_mean(F.softplus(s), exclude_positives)
 
 # %% ../nbs/00_bounds.ipynb #c032
 def infonce_bound(
-    scores:torch.Tensor, # [B, B] or [B, B, M]: scores[i, j(, m)] = T(x_i, y_j (at location m)), positives where i == j
-) -> torch.Tensor: # scalar estimate in nats, at most log(1 + (B-1)M); the loss is its negative
-    "InfoNCE: mean_{i,m}[s_iim - log(e^{s_iim} + sum_{j != i, m'} e^{s_ijm'})] + log(1 + (B-1)M) <= log(1 + (B-1)M); [B,B]: M = 1."
+    scores:torch.Tensor, # [B, B] or [B, B, L]: scores[i, j(, m)] = f(x_i, y_j (at location m)), positives where i == j
+) -> torch.Tensor: # scalar estimate in nats, at most log(1 + (B-1)L); the loss is its negative
+    "InfoNCE: mean_{i,m}[s_iim - log(e^{s_iim} + sum_{j != i, m'} e^{s_ijm'})] + log(1 + (B-1)L), at most log(1 + (B-1)L)."
     s = _as_pairs(scores)
-    B, _, M = s.shape
-    pos = _positives(s)                                                                     # [B, M]
+    B, _, L = s.shape
+    pos = _positives(s)                                                                     # [B, L]
     neg = torch.logsumexp(s.masked_fill(_positive_mask(s), float('-inf')).flatten(1), 1)  # [B]: j != i, all m'
-    return (pos - torch.logaddexp(pos, neg.unsqueeze(-1))).mean() + math.log(1 + (B - 1) * M)
+    return (pos - torch.logaddexp(pos, neg.unsqueeze(-1))).mean() + math.log(1 + (B - 1) * L)

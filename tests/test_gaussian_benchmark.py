@@ -19,9 +19,10 @@ def test_cli_runs_as_a_module_and_writes_json(tmp_path):
     assert 'I = 4 nats' in r.stdout and 'steps/s' in r.stdout and 'wrote' in r.stdout, r.stdout
     d = json.loads(out.read_text())
     assert d['config']['levels'] == [2.0, 4.0] and d['config']['steps'] == 3
-    est = d['estimates']                                    # [step][critic][estimator][replica]
-    assert len(est) == 6 and len(est[0]) == 1 and len(est[0][0]) == 2
-    assert all(s[0][1][0] <= math.log(64) + 1e-4 for s in est)   # InfoNCE never above log B
+    assert d['shape'] == [6, 1, 2, 1]                       # [step, critic, estimator, replica], stored flat
+    est = d['estimates']
+    assert len(est) == 6 * 2 and all(v <= math.log(64) + 1e-4 for v in est[1::2])   # InfoNCE never above log B
+    assert d['ba'] is None                                  # BA was not asked for
     assert {r['level'] for r in d['summary']} == {2.0, 4.0}
 
 
@@ -61,3 +62,18 @@ def test_cuda_graph_step_matches_the_eager_step(dtype):
     assert graph.info['cuda_graph'] is True and eager.info['cuda_graph'] is False
     assert graph.info['dtype'] == dtype and np.isfinite(graph.estimates).all()
     np.testing.assert_allclose(graph.estimates, eager.estimates, rtol=1e-3, atol=1e-3 if dtype == 'fp32' else 5e-2)
+
+
+def test_cli_trains_barber_agakov_alongside_the_critics(tmp_path):
+    """BA (a learned Gaussian q(y|x), H(Y) known) is in the same batched run, the table and the JSON; at 1 nat it learns."""
+    out = tmp_path / 'ba.json'
+    cmd = [sys.executable, '-m', 'equivariant_mi.benchmarks.gaussian', '--steps', '300', '--levels', '1',
+           '--critics', 'separable', '--estimators', 'infonce', 'ba', '--device', 'cpu', '--no-progress',
+           '--out', str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert 'q(y|x)' in r.stdout and 'BA, Gaussian q' in r.stdout, r.stdout
+    d = json.loads(out.read_text())
+    assert d['shape'] == [300, 1, 1, 1] and len(d['ba']) == 300
+    ba_row = [s for s in d['summary'] if s['estimator'] == 'ba']
+    assert len(ba_row) == 1 and abs(ba_row[0]['bias']) < 0.5, ba_row   # mean of the last 150 steps near 1 nat
