@@ -11,42 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..channel import channel_objective, nt_xent
+from ..channel import channel_objective, channel_terms, nt_xent
 from ..models import AugmentationPolicyNet, CRLEncoder, ProjectionHead
 from ..method import Method, MethodConfig, Phase, StepContext, register
 from ..transforms import CropGrid
 from ..utils import check_int, check_number, check_one_of
 
 # %% auto #0
-__all__ = ['CHANNELS', 'P_OBJECTIVES', 'channel_terms', 'sample_vmf', 'policy_health', 'CRLTACConfig', 'CRLTAC',
-           'p_gradient_diagnostic']
-
-# %% ../../nbs/12_crl_tac.ipynb #3b8ccf1c
-def channel_terms(u: Tensor, log_w: Tensor | None = None, beta: float = 1.0, *, z: Tensor | None = None,
-                  jensen: bool = False, include_same_t: bool = True, include_self: bool = True) -> Tensor:
-    r"""Per-anchor terms r_ij = num_ij - den_ij of objective (2) [N, m]; `channel_objective` = sum_ij w_ij r_ij / N.
-    num = log sum_k w_ik e^{b z_ij.u_ik} (Jensen: sum_k w_ik b z_ij.u_ik),
-    den = log 1/N sum_{i'k} w_i'k e^{b z_ij.u_i'k};
-    z = u (the mean approximation) unless vMF-sampled codes `z` [N, m, D] are given."""
-    n, m, _ = u.shape
-    u = F.normalize(u, dim=-1)
-    z = u if z is None else z
-    s = beta * (z.reshape(n * m, -1) @ u.reshape(n * m, -1).T).float()      # s[a, b] = b z_a.u_b        [Nm, Nm]
-    log_w = (torch.full((n, m), -math.log(m), device=u.device) if log_w is None
-             else log_w.float().log_softmax(-1))
-    s_own = s.reshape(n, m, n, m).diagonal(dim1=0, dim2=2).permute(2, 0, 1)    # [N, m(j), m(k)]
-    lw_num = log_w[:, None, :].expand(n, m, m)
-    if not include_same_t:
-        lw_num = lw_num.masked_fill(torch.eye(m, dtype=torch.bool, device=u.device), -math.inf)
-        lw_num = lw_num - lw_num.logsumexp(-1, keepdim=True)
-    num = (lw_num.exp() * s_own).sum(-1) if jensen else (lw_num + s_own).logsumexp(-1)
-    lw_den = log_w.reshape(n * m) - math.log(n)
-    logits, log_mass = s + lw_den, 0.0
-    if not include_self:
-        logits = torch.diagonal_scatter(logits, torch.full((n * m,), -math.inf, device=u.device))
-        log_mass = torch.log1p(-lw_den.exp())
-    den = (logits.logsumexp(-1) - log_mass).reshape(n, m)
-    return num - den
+__all__ = ['CHANNELS', 'P_OBJECTIVES', 'sample_vmf', 'policy_health', 'CRLTACConfig', 'CRLTAC', 'p_gradient_diagnostic']
 
 # %% ../../nbs/12_crl_tac.ipynb #b864c3d0
 def sample_vmf(mu: Tensor, kappa: float) -> Tensor:
