@@ -352,6 +352,7 @@ def _eval_plan(args):
     except ValueError:
         _fail('DIR', f"the run's method {info['method']!r} is not registered; known: {sorted(M.METHODS)}")
     train = _load_split(info['dataset'], 'train', args.data_root, arg='DIR')
+    train = D.validation_split(train, info['config'].get('val_size'))[0]   # the run's held-out items stay out
     test = _load_split(info['dataset'], 'test', args.data_root, arg='DIR')
     n_lab = int((train.labels >= 0).sum())
     too_big = [n for n in args.labels if n > n_lab]

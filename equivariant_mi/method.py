@@ -39,6 +39,7 @@ class MethodConfig:
     batch_size: int = 256            # per process: under torchrun the global batch is batch_size * world_size
     epochs: int = 10
     label_budget: int | None = None  # keep this many labels (class-balanced, seeded); None: keep every label
+    val_size: int | None = None      # hold the first val_size training items out (data.validation_split); None: none
 
     def validate(self):
         "Raise a ValueError naming the first impossible setting; subclasses extend it."
@@ -46,6 +47,7 @@ class MethodConfig:
         check_int('batch_size', self.batch_size)
         check_int('epochs', self.epochs)
         check_int('label_budget', self.label_budget, allow_none=True)
+        check_int('val_size', self.val_size, allow_none=True)
 
 
 def check_optimizer_settings(s, where: str = 'config'):

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from .data import ImageSet, GPULoader, balanced_subset, load_dataset
+from .data import ImageSet, GPULoader, balanced_subset, load_dataset, validation_split
 from .method import Method, Phase, StepContext, config_to_dict, replace_config
 from .runs import (CHECKPOINT, PREVIOUS, append_metrics, attach_requirements, read_checkpoint,
                                  save_checkpoint, trim_metrics, write_run_info)
@@ -272,6 +272,7 @@ def check_fit(method: Method, data, epochs: int | None = None, out=None, *, batc
     if not is_int(seed): raise ValueError(f"`seed` must be an int, got {seed!r}")
     amp_settings(resolve_device(device), precision)
     method.check_images(data.images)
+    data = validation_split(data, method.config.val_size)[0]       # held-out items never reach training
     bs, world = min(method.batch_size_for(e) for e in range(epochs)), int(os.environ.get('WORLD_SIZE', 1))
     if bs < method.min_batch_size:
         raise ValueError(f"`batch_size` must be >= {method.min_batch_size} for method {method.name!r} "

@@ -27,12 +27,13 @@ def cached_mnist(monkeypatch):
 
 def test_cli_semi_supervised_train_resume_eval(tmp_path, capsys):
     out = str(tmp_path / 'semi')
-    base = ['train', 'equivae', '--preset', 'mnist-semi-100', '--subset', '600', '--device', 'cpu', '--no-progress',
-            '--out', out]
+    base = ['train', 'equivae', '--preset', 'mnist-semi-100', '--subset', '600', '--set', 'val_size=100', '--device',
+            'cpu', '--no-progress', '--out', out]             # 600 images: hold out 100, not the preset's 5 000
     assert cli.main(base + ['--max-steps', '2']) == 0
     assert cli.main(['train', 'equivae', '--out', out, '--resume', '--max-steps', '4', '--no-progress']) == 0
     info = json.loads((tmp_path / 'semi' / 'config.json').read_text())
     assert info['config']['label_budget'] == 100 and info['config']['latent_dim'] == 8
+    assert info['n_items'] == 500                               # the first 100 of the subset held out (val_size)
     rows = [json.loads(l) for l in (tmp_path / 'semi' / 'metrics.jsonl').read_text().splitlines()]
     assert rows and all(r['step'] <= 4 for r in rows)
     assert cli.main(['eval', out, '--probe', 'centroid', '--labels', '100', '--test-subset', '200', '--no-pixels',
@@ -42,8 +43,8 @@ def test_cli_semi_supervised_train_resume_eval(tmp_path, capsys):
 
 
 def test_cli_label_budget_larger_than_data(capsys):
-    status = cli.main(['train', 'equivae', '--preset', 'mnist-semi-3000', '--subset', '600', '--device', 'cpu',
-                       '--no-progress', '--max-steps', '1'])
+    status = cli.main(['train', 'equivae', '--preset', 'mnist-semi-3000', '--subset', '600', '--set', 'val_size=100',
+                       '--device', 'cpu', '--no-progress', '--max-steps', '1'])
     err = capsys.readouterr().err
     assert status == 2 and 'label_budget' in err, err
 
@@ -54,7 +55,7 @@ def test_svhn_preset_trains_on_svhn_shaped_images():
     images[:, 1] = images[:, 1] // 4 + 100                      # a channel with another mean and spread
     ds = ImageSet(images, torch.arange(96) % 10, 'svhn-shaped')
     torch.manual_seed(0)
-    m = EquiVAE.from_preset('svhn')
+    m = EquiVAE.from_preset('svhn', val_size=None)               # 96 images: none held out (the preset holds 3 257)
     res = fit(m, ds, epochs=1, max_steps=2, progress=False, log_every=1, device='cpu')
     assert res.step == 2 and all(torch.isfinite(torch.tensor(r['loss'])) for r in res.history)
     x = images.float() / 255

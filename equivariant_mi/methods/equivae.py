@@ -4,21 +4,24 @@
 
 # %% ../../nbs/13_equivae.ipynb #b41dc32a
 from __future__ import annotations
-import math
+import math, sys
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from ..critics import mlp
 from ..data import SameClassSampler
 from ..method import Method, MethodConfig, StepContext, register
 from ..models import InvariantEncoder, EquivariantEncoder, EquiVAEDecoder, EquiVAEClassifier
-from ..models import gaussian_rsample, gaussian_kl_standard
+from ..models import gaussian_rsample, gaussian_kl_standard, ConvEncoder, equivae_convs
 from ..utils import check_int, check_number, check_one_of, check_images
 
 # %% auto #0
 __all__ = ['EQUIVAE_PRESETS', 'reconstruction_and_kl', 'labelled_elbo', 'unlabelled_elbo', 'draw_m', 'class_pool_indices',
-           'distance_log_probs', 'EquiVAEConfig', 'init_relu_network', 'EquiVAE', 'equivae_accuracy']
+           'distance_log_probs', 'EquiVAEConfig', 'init_relu_network', 'EquiVAEBase', 'EquiVAE', 'equivae_accuracy',
+           'EquiVAEBenchmarkConfig', 'EquiVAEBenchmark', 'v_sweep', 'v_explorer', 'benchmark']
 
 # %% ../../nbs/13_equivae.ipynb #5aa33efc
 def reconstruction_and_kl(decoder, x, r, mean, logvar):
@@ -81,6 +84,7 @@ class EquiVAEConfig(MethodConfig):
     labelled_batch_size: int | None = None  # semi-supervised: labelled items drawn per step (None: the batch size)
     labelled_weight: float | None = None    # semi-supervised: weight of the labelled mean; None: N_lab / N (eq. 7)
     init: str = 'he'                 # 'he': Kaiming weights, zero biases (ours, see below); 'torch': PyTorch defaults
+    val_size: int | None = 5000      # the first 5 000 MNIST training images: validation, for pictures (section 3.1)
 
     def validate(self):
         super().validate()
@@ -113,7 +117,7 @@ EQUIVAE_PRESETS = {
     'mnist': {},
     **{f'mnist-semi-{n}': _semi(n, e) for n, e in [(100, 20), (600, 25), (1000, 30), (3000, 35)]},
     'svhn': {'in_channels': 3, 'image_size': 32, 'latent_dim': 16, 'm_max': 10, 'likelihood': 'gaussian',
-             'standardize': True, 'epochs': 90, 'double_every': 22},
+             'standardize': True, 'epochs': 90, 'double_every': 22, 'val_size': 3257},   # 70 000 / 3 257 (section 3.1)
 }
 
 # %% ../../nbs/13_equivae.ipynb #45ed393f
@@ -126,10 +130,8 @@ def init_relu_network(module: nn.Module) -> nn.Module:
     return module
 
 # %% ../../nbs/13_equivae.ipynb #d3e12de2
-@register
-class EquiVAE(Method):
-    "EquiVAE: a deterministic invariant r_y from m other same-class images, a stochastic equivariant v ~ q(v|r_y, x)."
-    name = 'equivae'
+class EquiVAEBase(Method):
+    "What EquiVAE and its benchmark classifier share: the image checks, SVHN's per-pixel standardisation, the doubling."
     Config = EquiVAEConfig
     presets = EQUIVAE_PRESETS
     image_shape_from_data = True
@@ -137,18 +139,9 @@ class EquiVAE(Method):
     def __init__(self, config=None, **overrides):
         super().__init__(config, **overrides)
         c = self.config
-        d = c.latent_dim
-        self.inv = InvariantEncoder(c.in_channels, c.image_size, latent_dim=d)               # f_inv and r_y
-        self.equiv = EquivariantEncoder(c.in_channels, c.image_size, r_dim=d, v_dim=d)       # q(v | r_y, x)
-        self.decoder = EquiVAEDecoder(c.in_channels, c.image_size, r_dim=d, v_dim=d,        # p(x | r_y, v)
-                                      likelihood=c.likelihood, gaussian_std=c.gaussian_std)
-        self.classifier = EquiVAEClassifier(c.in_channels, c.image_size, c.n_classes, inv_dim=d,   # q(y|x)
-                                            dropout=c.dropout) if c.semi_supervised else None
-        if c.init == 'he': init_relu_network(self)
         shape = (c.in_channels, c.image_size, c.image_size)
         self.register_buffer('pixel_mean', torch.zeros(shape))      # standardisation (SVHN), set by setup
         self.register_buffer('pixel_std', torch.ones(shape))
-        self.register_buffer('log_py', torch.full((c.n_classes,), -math.log(c.n_classes)))  # log p(y), set by setup
 
     # --- inputs ---------------------------------------------------------------------------------
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
@@ -163,18 +156,47 @@ class EquiVAE(Method):
         check_images(images, 'images', dtype='uint8', channels=c.in_channels, size=c.image_size)
 
     def setup(self, data):
+        "Check the images; set the per-pixel mean and std over the training images when `standardize` (SVHN)."
+        super().setup(data)
+        if not self.config.standardize: return
+        s = torch.zeros(self.pixel_mean.shape, dtype=torch.float64, device=data.device)
+        s2 = torch.zeros_like(s)
+        for i in range(0, len(data), 4096):
+            chunk = data.images[i:i + 4096].double() / 255
+            s += chunk.sum(0); s2 += chunk.pow(2).sum(0)
+        mean = s / len(data)
+        self.pixel_mean.copy_(mean.float())
+        self.pixel_std.copy_((s2 / len(data) - mean ** 2).clamp_min(0).sqrt().float().clamp_min(1e-3))
+
+    def batch_size_for(self, epoch: int) -> int:
+        "The batch size of `epoch`: batch_size doubled every `double_every` epochs, capped at max_batch_size."
+        c = self.config
+        if c.double_every is None: return c.batch_size
+        return min(c.batch_size * 2 ** (int(epoch) // c.double_every), c.max_batch_size)
+
+
+@register
+class EquiVAE(EquiVAEBase):
+    "EquiVAE: a deterministic invariant r_y from m other same-class images, a stochastic equivariant v ~ q(v|r_y, x)."
+    name = 'equivae'
+
+    def __init__(self, config=None, **overrides):
+        super().__init__(config, **overrides)
+        c = self.config
+        d = c.latent_dim
+        self.inv = InvariantEncoder(c.in_channels, c.image_size, latent_dim=d)               # f_inv and r_y
+        self.equiv = EquivariantEncoder(c.in_channels, c.image_size, r_dim=d, v_dim=d)       # q(v | r_y, x)
+        self.decoder = EquiVAEDecoder(c.in_channels, c.image_size, r_dim=d, v_dim=d,        # p(x | r_y, v)
+                                      likelihood=c.likelihood, gaussian_std=c.gaussian_std)
+        self.classifier = EquiVAEClassifier(c.in_channels, c.image_size, c.n_classes, inv_dim=d,   # q(y|x)
+                                            dropout=c.dropout) if c.semi_supervised else None
+        if c.init == 'he': init_relu_network(self)
+        self.register_buffer('log_py', torch.full((c.n_classes,), -math.log(c.n_classes)))  # log p(y), set by setup
+
+    def setup(self, data):
         "Check images and labels; set the pixel statistics (SVHN), log p(y) and the same-class sampler of the pool."
         super().setup(data)
         c, y = self.config, data.labels
-        if c.standardize:
-            s = torch.zeros(self.pixel_mean.shape, dtype=torch.float64, device=data.device)
-            s2 = torch.zeros_like(s)
-            for i in range(0, len(data), 4096):
-                chunk = data.images[i:i + 4096].double() / 255
-                s += chunk.sum(0); s2 += chunk.pow(2).sum(0)
-            mean = s / len(data)
-            self.pixel_mean.copy_(mean.float())
-            self.pixel_std.copy_((s2 / len(data) - mean ** 2).clamp_min(0).sqrt().float().clamp_min(1e-3))
         labelled = y >= 0
         if not c.semi_supervised and not bool(labelled.all()):
             raise ValueError(f"{int((~labelled).sum())} items are unlabelled (label -1) but `label_budget` is None: "
@@ -190,12 +212,6 @@ class EquiVAE(Method):
         self.sampler = SameClassSampler(y)
         self.pool = self.sampler.order[self.sampler.sorted_labels >= 0]      # the labelled items
         self.n_items, self.n_labelled = len(data), int(labelled.sum())
-
-    def batch_size_for(self, epoch: int) -> int:
-        "The batch size of `epoch`: batch_size doubled every `double_every` epochs, capped at max_batch_size."
-        c = self.config
-        if c.double_every is None: return c.batch_size
-        return min(c.batch_size * 2 ** (int(epoch) // c.double_every), c.max_batch_size)
 
     def make_batch(self, data, idx: torch.Tensor, ctx: StepContext) -> dict:
         "The batch's images with m other same-class images each; semi: a labelled draw, the unlabelled, K class sets."
@@ -319,6 +335,12 @@ class EquiVAE(Method):
             raise ValueError("q(y|x) exists only in the semi-supervised presets (label_budget set)")
         return self.log_qy(self.prepare(x)).argmax(-1)
 
+    def eval_metrics(self, test) -> dict:
+        "`emi eval --metrics method`: test accuracy and error of q(y|x) (semi-supervised presets; {} otherwise)."
+        if self.classifier is None: return {}
+        acc = equivae_accuracy(self, test.images, test.labels, 'q_y')
+        return {'qy_accuracy': acc, 'qy_error': 1 - acc}
+
 # %% ../../nbs/13_equivae.ipynb #a688f713
 @torch.no_grad()
 def equivae_accuracy(method: EquiVAE, images, labels, rule: str = 'distance', train_images=None, train_labels=None,
@@ -343,3 +365,148 @@ def equivae_accuracy(method: EquiVAE, images, labels, rule: str = 'distance', tr
         return correct / len(images)
     finally:
         method.train(was_training)
+
+# %% ../../nbs/13_equivae.ipynb #a3ee22fc
+@dataclass
+class EquiVAEBenchmarkConfig(EquiVAEConfig):
+    "The benchmark classifier's settings: EquiVAE's (latent size, epochs, batch doubling, split, label budget) + its head."
+    hidden: tuple = (128, 64)        # q(y|x)'s two dropout dense layers (appendix B), here on the conv embedding alone
+
+
+@register
+class EquiVAEBenchmark(EquiVAEBase):
+    "Tables 1-2's benchmark: q(y|x)'s network without the f_inv input, cross-entropy on the labelled items only."
+    name = 'equivae-benchmark'
+    Config = EquiVAEBenchmarkConfig
+
+    def __init__(self, config=None, **overrides):
+        super().__init__(config, **overrides)
+        c = self.config
+        d = 8 * c.latent_dim                                            # f_inv's dense width: 128 (16-d), 64 (8-d)
+        self.embed = ConvEncoder(c.in_channels, c.image_size, equivae_convs(), fc_dims=(d,), batch_norm=False)
+        self.net = mlp([d, *c.hidden, c.n_classes], dropout=c.dropout)
+        if c.init == 'he': init_relu_network(self)
+
+    def setup(self, data):
+        "The pixel statistics (SVHN) and the labelled pool the batches are drawn from."
+        super().setup(data)
+        self.pool = (data.labels >= 0).nonzero().squeeze(1)
+        if len(self.pool) == 0: raise ValueError("the benchmark classifier needs labelled items, got none")
+        self.all_labelled = len(self.pool) == len(data)
+
+    def make_batch(self, data, idx: torch.Tensor, ctx: StepContext) -> dict:
+        "The loader's batch when every item is labelled; else len(idx) items drawn uniformly from the labelled pool."
+        if not self.all_labelled:
+            idx = self.pool[torch.randint(len(self.pool), (len(idx),), generator=ctx.generator(idx.device),
+                                          device=idx.device)]
+        return {'x': data.images[idx], 'y': data.labels[idx]}
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        "Class logits [B, K] of uint8 images."
+        return self.net(self.embed(self.prepare(x)))
+
+    def training_step(self, batch: dict, ctx: StepContext) -> dict:
+        "Cross-entropy of the labelled batch (and its accuracy, logged)."
+        logits = self.logits(batch['x']).float()
+        return {'loss': F.cross_entropy(logits, batch['y']),
+                'accuracy': (logits.argmax(-1) == batch['y']).float().mean().detach()}
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor: return self.embed(self.prepare(x))
+
+    def features(self, x: torch.Tensor) -> dict:
+        "'embed': the conv + dense embedding; 'logits': the class logits."
+        h = self.embed(self.prepare(x))
+        return {'embed': h, 'logits': self.net(h)}
+
+    @torch.no_grad()
+    def eval_metrics(self, test, batch_size: int = 1024) -> dict:
+        "`emi eval --metrics method`: the classifier's own test accuracy and error (argmax of its logits, eval mode)."
+        was_training = self.training
+        self.eval()
+        try:
+            dev = self.pixel_mean.device
+            pred = torch.cat([self.logits(test.images[i:i + batch_size].to(dev)).argmax(-1).cpu()
+                              for i in range(0, len(test), batch_size)])
+        finally: self.train(was_training)
+        acc = float((pred == test.labels.cpu()).float().mean())
+        return {'accuracy': acc, 'error': 1 - acc}
+
+# %% ../../nbs/13_equivae.ipynb #c790ea53
+def v_sweep(method: EquiVAE, r: torch.Tensor, dims=None, values=(-2.0, -1.0, 0.0, 1.0, 2.0), v0=None) -> torch.Tensor:
+    "Images [len(dims) * len(values), C, H, W] decoded from (r_y, v0 + t e_d): row d moves coordinate d of v over t."
+    D, dev = method.config.latent_dim, method.pixel_mean.device
+    dims = list(range(D)) if dims is None else [check_int('dims', d, 0, D - 1) for d in dims]
+    vals = torch.as_tensor(values, dtype=torch.float32, device=dev)
+    v = (torch.zeros(1, D, device=dev) if v0 is None else torch.as_tensor(v0, dtype=torch.float32).reshape(1, D).to(dev))
+    v = v.repeat(len(dims) * len(vals), 1)
+    for i, d in enumerate(dims): v[i * len(vals):(i + 1) * len(vals), d] += vals
+    r = torch.as_tensor(r, dtype=torch.float32).reshape(1, D).to(dev)
+    with torch.no_grad(): return method.decode(r.expand(len(v), -1), v).cpu()
+
+
+def v_explorer(method: EquiVAE, prototypes: torch.Tensor, y: int = 0, dims=None, values=(-2.0, -1.0, 0.0, 1.0, 2.0),
+               class_names=None, interactive=None):
+    """A class menu and one slider per coordinate of v, showing the decoded image of (r_y, v) in a live kernel;
+    without one (or without ipywidgets) the static Figure of `v_sweep` for class y."""
+    import matplotlib.pyplot as plt
+    from equivariant_mi.viz import _widgets_available, image_grid
+    K, D = len(prototypes), method.config.latent_dim
+    y = check_int('y', y, 0, K - 1)
+    names = list(class_names) if class_names is not None else [str(k) for k in range(K)]
+    if interactive is None: interactive = _widgets_available()
+    if not interactive:
+        shown = list(range(D)) if dims is None else list(dims)
+        return image_grid(v_sweep(method, prototypes[y], shown, values), ncols=len(values), size=0.8,
+                          title=f"class {names[y]}: row d moves v_d through {list(values)}, the rest at 0 "
+                                f"(rows: v_{shown[0]} ... v_{shown[-1]})")
+    import ipywidgets as W
+    from IPython.display import display
+    try:  # Colab draws ipywidgets 8 only through its custom widget manager
+        from google.colab import output; output.enable_custom_widget_manager()
+    except Exception: pass
+    menu = W.Dropdown(options=[(n, k) for k, n in enumerate(names)], value=y, description='class')
+    sliders = [W.FloatSlider(value=0.0, min=-3.0, max=3.0, step=0.1, description=f'v{d}', continuous_update=False)
+               for d in range(D)]
+    half, out = -(-D // 2), W.Output()
+    box = W.VBox([menu, W.HBox([W.VBox(sliders[:half]), W.VBox(sliders[half:])]), out])
+    dev = method.pixel_mean.device
+    def draw(*_):
+        v = torch.tensor([[s.value for s in sliders]], device=dev)
+        with torch.no_grad(): img = method.decode(prototypes[menu.value].reshape(1, D).to(dev), v).cpu()
+        fig = image_grid(img, size=2.5, title=f"class {names[menu.value]}")
+        box.figure = fig                           # the latest picture, for inspection and tests
+        with out:
+            out.clear_output(wait=True)
+            display(fig)
+        plt.close(fig)
+    for w in [menu, *sliders]: w.observe(draw, names='value')
+    draw()
+    return box
+
+# %% ../../nbs/13_equivae.ipynb #c0f1da53
+def benchmark(argv=None) -> int:
+    """`python -m equivariant_mi.bench equivae [--presets P ...] [--full] [bench train options]`: training images/s of
+    EquiVAE at its batch schedule (32, 64, 128, 256; 32 and 64 on a CPU unless --full), one table per preset."""
+    import argparse
+    from equivariant_mi import bench
+    from equivariant_mi.utils import resolve_device
+    p = argparse.ArgumentParser(prog='python -m equivariant_mi.bench equivae',
+                                description='EquiVAE training images/s at the batch schedule, through fit; other '
+                                            'options go to `bench train` (see its --help).')
+    p.add_argument('--presets', nargs='+', default=['mnist', 'mnist-semi-100'], help='equivae presets to time')
+    p.add_argument('--full', action='store_true', help='every batch size of the schedule on a CPU too')
+    args, rest = p.parse_known_args(argv)
+    bad = [q for q in args.presets if q not in EquiVAE.all_presets()]
+    if bad:
+        print(f"{p.prog}: error: --presets must be among {sorted(EquiVAE.all_presets())}, got {bad}", file=sys.stderr)
+        return 2
+    device = rest[rest.index('--device') + 1] if '--device' in rest[:-1] else None
+    try: cpu = resolve_device(device).type == 'cpu'
+    except ValueError: cpu = False                                     # bench train reports the bad device
+    short = cpu and not args.full and '--batch-sizes' not in rest
+    for i, preset in enumerate(args.presets):
+        if i: print()
+        status = bench.main(['train', 'equivae', '--preset', preset, *(['--batch-sizes', '32', '64'] if short else []),
+                             *rest])
+        if status: return status
+    return 0
