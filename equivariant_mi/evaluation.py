@@ -132,9 +132,10 @@ def _predict_batched(net, x, batch_size=4096):
         return torch.cat([net(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
 
 def mlp_probe(x, y, seed=0, hidden=(2048, 2048), dropout=0.0, epochs=100, batch_size=256, lr=1e-3,
-              weight_decay=0.0, patience=10, val_fraction=0.1, n_classes=None, device=None):
+              weight_decay=0.0, patience=10, val_fraction=0.1, n_classes=None, device=None, net=None, milestones=()):
     """MLP classifier trained with Adam on standardised features; early stopping on a held-out `val_fraction`
-    (patience epochs), or `epochs` fixed epochs when `patience=None`."""
+    (patience epochs), or `epochs` fixed epochs when `patience=None`. `net(in_dim, n_classes)` builds another
+    network; the learning rate is divided by 10 at each epoch in `milestones`."""
     device = resolve_device(device)
     g = torch.Generator().manual_seed(int(seed))
     x = torch.as_tensor(to_numpy(x, np.float32)).to(device); y = torch.as_tensor(to_numpy(y, np.int64)).to(device)
@@ -147,8 +148,9 @@ def mlp_probe(x, y, seed=0, hidden=(2048, 2048), dropout=0.0, epochs=100, batch_
         raise ValueError(f"`val_fraction`={val_fraction} leaves no validation items for early stopping among {len(x)}")
     val, tr = perm[:n_val], perm[n_val:]
     torch.manual_seed(int(seed))
-    net = mlp([x.shape[1], *hidden, C], dropout=dropout).to(device)
+    net = (mlp([x.shape[1], *hidden, C], dropout=dropout) if net is None else net(x.shape[1], C)).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, sorted(milestones), 0.1) if milestones else None
     best, best_state, bad = -1.0, None, 0
     for epoch in range(int(epochs)):
         net.train()
@@ -157,6 +159,7 @@ def mlp_probe(x, y, seed=0, hidden=(2048, 2048), dropout=0.0, epochs=100, batch_
             idx = order[i:i + batch_size]
             loss = F.cross_entropy(net(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+        if sched is not None: sched.step()
         if patience is None: continue
         acc = (_predict_batched(net, x[val]) == y[val]).float().mean().item()
         if acc > best: best, bad, best_state = acc, 0, {k: v.clone() for k, v in net.state_dict().items()}
@@ -167,9 +170,12 @@ def mlp_probe(x, y, seed=0, hidden=(2048, 2048), dropout=0.0, epochs=100, batch_
     scaled = lambda z: (torch.as_tensor(to_numpy(z, np.float32)).to(device) - mean) / std
     return lambda z: _predict_batched(net, scaled(z)).cpu().numpy()
 
-def dim_mlp_probe(x, y, seed=0, hidden=200, dropout=0.5, **kwargs):
-    "DIM's non-linear probe: one hidden layer of 200 ReLU units with dropout (rate not given in the paper: 0.5 here)."
-    return mlp_probe(x, y, seed=seed, hidden=(hidden,), dropout=dropout, **kwargs)
+def dim_mlp_probe(x, y, seed=0, hidden=200, dropout=0.1, lr=1e-4, batch_size=64, milestones=(50, 100), **kwargs):
+    """DIM's probe as the authors' code builds it: Linear(200) -> Dropout(0.1) -> BatchNorm -> ReLU -> Linear,
+    Adam 1e-4, batch 64, the rate / 10 at epochs 50 and 100."""
+    build = lambda d, C: nn.Sequential(nn.Linear(d, hidden), nn.Dropout(dropout), nn.BatchNorm1d(hidden), nn.ReLU(),
+                                       nn.Linear(hidden, C))
+    return mlp_probe(x, y, seed=seed, lr=lr, batch_size=batch_size, milestones=milestones, net=build, **kwargs)
 
 PROBES = {'logreg': logreg_probe, 'knn': knn_probe, 'svm': svm_probe, 'mlp': mlp_probe,
           'dim_mlp': dim_mlp_probe, 'centroid': centroid_probe}

@@ -18,9 +18,10 @@ from ..models import DCGANEncoder, DIMAlexNetEncoder, prior_discriminator
 from ..utils import check_images, check_int, check_number, check_one_of
 
 # %% auto #0
-__all__ = ['ESTIMATORS', 'GENERATOR_LOSSES', 'ENCODERS', 'LOCAL_CRITICS', 'VARIANTS', 'DATASETS', 'mi_lower_bound',
-           'prior_discriminator_loss', 'prior_encoder_loss', 'gradient_penalty', 'occlude', 'CoordinatePredictor',
-           'random_crop_flip', 'center_crop', 'DIMConfig', 'preset_grid', 'DIM']
+__all__ = ['ESTIMATORS', 'GENERATOR_LOSSES', 'ENCODERS', 'LOCAL_CRITICS', 'VARIANTS', 'DATASETS', 'SUPERVISED', 'BENCH_COLUMNS',
+           'mi_lower_bound', 'prior_discriminator_loss', 'prior_encoder_loss', 'gradient_penalty', 'occlude',
+           'CoordinatePredictor', 'random_crop_flip', 'center_crop', 'DIMConfig', 'preset_grid', 'DIM', 'bench_dim',
+           'benchmark']
 
 # %% ../../nbs/10_dim.ipynb #753e1694
 ESTIMATORS = ('infonce', 'jsd', 'dv')
@@ -174,22 +175,26 @@ class DIMConfig(MethodConfig):
     coord_absolute: float = 0.0         # weight of predicting (i, j) of a local feature from [Y, c_ij]
     coord_relative: float = 0.0         # weight of predicting (i - i', j - j') from [Y, c_ij, c_i'j']
     coord_hidden: int = 512             # the coordinate predictors' two hidden layers (A.7)
+    # the paper's "fully supervised" baseline (Tables 1-2): the same encoder trained with labels instead of MI
+    supervised: float = 0.0             # weight of the cross-entropy of a linear softmax head on Y; 0: unsupervised
+    n_classes: int = 10                 # classes of that head (CIFAR-100: 100)
 
     def __post_init__(self):
         if isinstance(self.widths, list): self.widths = tuple(self.widths)   # config.json stores tuples as lists
 
     def validate(self):
         super().validate()
-        for k in ('alpha', 'beta', 'gamma', 'prior_penalty', 'coord_absolute', 'coord_relative'):
+        for k in ('alpha', 'beta', 'gamma', 'prior_penalty', 'coord_absolute', 'coord_relative', 'supervised'):
             check_number(k, getattr(self, k), 0)
-        if self.alpha + self.beta + self.gamma + self.coord_absolute + self.coord_relative == 0:
-            raise ValueError("`alpha`, `beta`, `gamma`, `coord_absolute` and `coord_relative` are all 0: "
-                             "nothing would train the encoder; set at least one > 0")
+        if self.alpha + self.beta + self.gamma + self.coord_absolute + self.coord_relative + self.supervised == 0:
+            raise ValueError("`alpha`, `beta`, `gamma`, `coord_absolute`, `coord_relative` and `supervised` are all "
+                             "0: nothing would train the encoder; set at least one > 0")
         check_one_of('estimator', self.estimator, ESTIMATORS)
         check_one_of('encoder', self.encoder, ENCODERS)
         check_one_of('local_critic', self.local_critic, LOCAL_CRITICS)
         check_one_of('generator_loss', self.generator_loss, GENERATOR_LOSSES)
-        for k in ('in_channels', 'image_size', 'fc_dim', 'y_dim', 'embed_dim', 'critic_hidden', 'coord_hidden'):
+        for k in ('in_channels', 'image_size', 'fc_dim', 'y_dim', 'embed_dim', 'critic_hidden', 'coord_hidden',
+                  'n_classes'):
             check_int(k, getattr(self, k))
         check_int('crop_size', self.crop_size, 1, self.image_size, allow_none=True)
         if not isinstance(self.flip, bool): raise ValueError(f"`flip` must be True or False, got {self.flip!r}")
@@ -213,7 +218,7 @@ VARIANTS = {'l': dict(alpha=0.0, beta=1.0, gamma=0.1),    # DIM(L), Tables 1-2
             'lg': dict(alpha=0.5, beta=0.1, gamma=0.1)}   # DIM(L+G), Table 4 (gamma not stated there: DIM(L)'s)
 DATASETS = {
     'cifar10': dict(encoder='dcgan', in_channels=3, image_size=32, epochs=1000),
-    'cifar100': dict(encoder='dcgan', in_channels=3, image_size=32, epochs=1000),
+    'cifar100': dict(encoder='dcgan', in_channels=3, image_size=32, epochs=1000, n_classes=100),
     'stl10': dict(encoder='alexnet', in_channels=3, image_size=96, crop_size=64, flip=True, fc_dim=4096, epochs=200),
     # ours, not the paper's: a narrower DCGAN encoder and critics so that a run fits a CPU in minutes
     'mnist': dict(encoder='dcgan', in_channels=1, image_size=28, widths=(32, 64), fc_dim=256, embed_dim=256,
@@ -221,13 +226,17 @@ DATASETS = {
 }
 
 
+SUPERVISED = dict(alpha=0.0, beta=0.0, gamma=0.0, supervised=1.0)  # the same encoder + a softmax head, labels only
+
+
 def preset_grid() -> dict:
-    "Every `<dataset>-<variant>-<estimator>` preset, plus `<dataset>` = its DIM(L) InfoNCE (the paper's main setting)."
+    "Every `<dataset>-<variant>-<estimator>` preset, `<dataset>` = its DIM(L) InfoNCE, `<dataset>-supervised`."
     grid = {}
     for d, dk in DATASETS.items():
         for v, vk in VARIANTS.items():
             for e in ESTIMATORS: grid[f'{d}-{v}-{e}'] = {**dk, **vk, 'estimator': e}
         grid[d] = grid[f'{d}-l-infonce']
+        grid[f'{d}-supervised'] = {**dk, **SUPERVISED}
     return grid
 
 # %% ../../nbs/10_dim.ipynb #22e617ac
@@ -269,6 +278,7 @@ class DIM(Method):
         if c.coord_absolute > 0: self.coord_abs = CoordinatePredictor(c.y_dim, lc, lh, lw, False, c.coord_hidden)
         if c.coord_relative > 0: self.coord_rel = CoordinatePredictor(c.y_dim, lc, lh, lw, True, c.coord_hidden)
         if c.gamma > 0: self.discriminator = prior_discriminator(c.y_dim, c.prior_hidden)
+        if c.supervised > 0: self.classifier = nn.Linear(c.y_dim, c.n_classes)   # softmax head on Y
 
     def phases(self):
         "Phase 1: encoder, critics, predictors minimise -(eq. 8); phase 2: the discriminator maximises eq. 7."
@@ -284,7 +294,7 @@ class DIM(Method):
         "The batch's images; with `crop_size`, one random crop (and flip) each, drawn from the step's generator."
         x, c = data.images[idx], self.config
         if c.crop_size is not None: x = random_crop_flip(x, c.crop_size, c.flip, _stream(ctx, x.device, 0))
-        return {'x': x}
+        return {'x': x, 'label': data.labels[idx]} if c.supervised > 0 else {'x': x}
 
     def local_scores(self, y, local_map):
         "scores[i, j, m] = T(C_m(x_j), Y_i): every (global, image, location) triple in one batched op, [B, B, M]."
@@ -322,6 +332,12 @@ class DIM(Method):
             if c.coord_relative > 0:
                 out['coord_rel'] = self.coord_rel(y_mi, f['local'], _stream(ctx, x.device, 2))
                 loss = loss + c.coord_relative * out['coord_rel']
+            if c.supervised > 0:   # the supervised baseline: cross-entropy of the labelled items (-1: unlabelled)
+                if 'label' not in batch: raise ValueError("`supervised` > 0 needs batch['label'] (see make_batch)")
+                logits, t = self.classifier(f['y']).float(), batch['label'].long()
+                out['xent'] = F.cross_entropy(logits, t, ignore_index=-1)
+                out['train_acc'] = (logits.argmax(1) == t).float()[t >= 0].mean().detach()
+                loss = loss + c.supervised * out['xent']
         if c.gamma > 0:
             y, D = f['y'], self.discriminator
             v = torch.rand(B, c.y_dim, generator=_stream(ctx, x.device, 3), device=x.device)  # V = U[0, 1]^64
@@ -348,3 +364,119 @@ class DIM(Method):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         "Y, the 64-d representation."
         return self.features(x)['y']
+
+    @torch.no_grad()
+    def eval_metrics(self, test, batch_size: int = 1024) -> dict:
+        "The supervised head's test accuracy (the paper's 'fully supervised' number); {} without a head."
+        if self.config.supervised == 0: return {}
+        self.eval()
+        dev = next(self.parameters()).device
+        pred = torch.cat([self.classifier(self.features(test.images[i:i + batch_size].to(dev))['y']).argmax(1).cpu()
+                          for i in range(0, len(test), batch_size)])
+        keep = test.labels.cpu() >= 0
+        return {'supervised_accuracy': float((pred[keep] == test.labels.cpu()[keep]).float().mean())}
+
+# %% ../../nbs/10_dim.ipynb #2de869ce
+import time
+
+def _bench_step(m, batch, device, steps, warmup):
+    "Seconds per training step of `m` as fit runs it (shared forward, each phase's backward, Adam), and CUDA peak MiB."
+    from equivariant_mi.training import backward_phases, phase_parameters
+    from equivariant_mi.bench import _sync
+    m = m.to(device).train()
+    phases = m.phases()
+    groups = phase_parameters(m, phases)
+    opts = [torch.optim.Adam(groups[ph.name], lr=m.config.lr) for ph in phases]
+    def step(k):
+        out = m.training_step(batch, StepContext(step=k))
+        backward_phases(out, phases, groups)
+        for o in opts: o.step(); o.zero_grad(set_to_none=True)
+    for k in range(warmup): step(k)
+    _sync(device)
+    if device.type == 'cuda': torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for k in range(steps): step(warmup + k)
+    _sync(device)
+    sec = (time.perf_counter() - t0) / steps
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == 'cuda' else None
+    return sec, peak
+
+
+def bench_dim(preset: str = 'cifar10', batch: int = 64, device=None, steps: int = 3, warmup: int = 1,
+              estimators=ESTIMATORS, critics=LOCAL_CRITICS, seed: int = 0):
+    """(header, rows): samples/s of one DIM(L) training step for each estimator x local critic on random images of
+    the preset's shape, and the local critic's share (the step minus the same step with beta = 0)."""
+    from equivariant_mi.bench import _device_line, preset_dataset
+    from equivariant_mi.utils import resolve_device
+    check_int('batch', batch, 2); check_int('steps', steps); check_int('warmup', warmup, 0)
+    if preset not in DIM.presets:
+        raise ValueError(f"`preset` must be one of {sorted(DIM.presets)}, got {preset!r}")
+    for e in estimators: check_one_of('estimators', e, ESTIMATORS)
+    for c in critics: check_one_of('critics', c, LOCAL_CRITICS)
+    device = torch.device(resolve_device(device))
+    _, shape = preset_dataset(DIM, preset)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (batch, *shape), dtype=torch.uint8, generator=g).to(device)
+    base = dict(DIM.presets[preset], alpha=0.0, beta=1.0, gamma=0.1)   # DIM(L): the local term and the prior
+    torch.manual_seed(seed)
+    rows = []
+    # the same step without the local term (beta = 0: encoder forward/backward, prior phase, Adam): its cost floor
+    sec0, peak0 = _bench_step(DIM(**{**base, 'beta': 0.0}), {'x': x}, device, steps, warmup)
+    for critic in critics:
+        for est in estimators:
+            m = DIM(**{**base, 'estimator': est, 'local_critic': critic})
+            sec, peak = _bench_step(m, {'x': x}, device, steps, warmup)
+            rows.append(dict(estimator=est, critic=critic, batch=batch, locations=math.prod(m.local_shape[1:]),
+                             samples_per_s=batch / sec, ms_per_step=1e3 * sec, local_ms=1e3 * (sec - sec0),
+                             local_share=max(0.0, 1 - sec0 / sec), peak_mib=peak))
+    rows.append(dict(estimator='-', critic='none (beta = 0)', batch=batch, locations=None, samples_per_s=batch / sec0,
+                     ms_per_step=1e3 * sec0, local_ms=0.0, local_share=0.0, peak_mib=peak0))
+    c, s = DIM.presets[preset].get('in_channels', 3), shape
+    header = [_device_line(device, f'DIM(L) training steps (preset {preset!r}, batch {batch}, random uint8 images '
+                                   f'{tuple(shape)}, {steps} timed after {warmup} warm-up)'),
+              'local share = 1 - (step with beta = 0) / (step): the part of the step the local critic and its bound '
+              'cost; peak memory is CUDA only']
+    return header, rows
+
+
+BENCH_COLUMNS = [('estimator', -10, lambda r: r['estimator']), ('local critic', -17, lambda r: r['critic']),
+                 ('batch', 6, lambda r: str(r['batch'])),
+                 ('locations', 10, lambda r: '-' if r['locations'] is None else str(r['locations'])),
+                 ('samples/s', 11, lambda r: f"{r['samples_per_s']:,.0f}"),
+                 ('ms/step', 9, lambda r: f"{r['ms_per_step']:.1f}"),
+                 ('local ms', 10, lambda r: f"{r['local_ms']:.1f}"),
+                 ('local share', 13, lambda r: f"{100 * r['local_share']:.0f} %"),
+                 ('peak MiB', 10, lambda r: '-' if r['peak_mib'] is None else f"{r['peak_mib']:,.0f}")]
+
+
+def benchmark(argv=None) -> int:
+    """`python -m equivariant_mi.bench dim [--preset P] [--batch B] [--steps N] ...`: bench_dim's table; a bad
+    argument is one line on stderr and exit status 2."""
+    import argparse, sys
+    from equivariant_mi.bench import fixed_width
+    from equivariant_mi.utils import write_json
+    cpu = not torch.cuda.is_available()
+    ap = argparse.ArgumentParser(prog='python -m equivariant_mi.bench dim',
+                                 description='DIM(L) step speed per estimator x local critic, and the critic share')
+    ap.add_argument('--preset', default='mnist' if cpu else 'cifar10',
+                    help="shapes from this preset (default: 'cifar10' on CUDA, the smaller 'mnist' on a CPU)")
+    ap.add_argument('--batch', type=int, default=64, help='batch size (default: 64, the authors\')')
+    ap.add_argument('--device', default=None, help="'cpu', 'cuda' or 'cuda:N' (default: cuda if available)")
+    ap.add_argument('--steps', type=int, default=2 if cpu else 20, help='timed steps per row (default: 2 CPU, 20 GPU)')
+    ap.add_argument('--warmup', type=int, default=1 if cpu else 5, help='untimed steps first')
+    ap.add_argument('--estimators', default=','.join(ESTIMATORS), help='comma-separated subset of infonce,jsd,dv')
+    ap.add_argument('--critics', default=','.join(LOCAL_CRITICS), help='comma-separated subset of '
+                                                                          'encode_dot,concat_conv')
+    ap.add_argument('--json', default=None, help='also write the rows to this JSON file')
+    try:
+        a = ap.parse_args(argv)
+        header, rows = bench_dim(a.preset, a.batch, a.device, a.steps, a.warmup, a.estimators.split(','),
+                                 a.critics.split(','))
+    except ValueError as err:
+        print(f"{ap.prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    except SystemExit as e:      # argparse's own usage errors (already printed)
+        return int(e.code or 0)
+    print(fixed_width(header, BENCH_COLUMNS, rows), flush=True)
+    if a.json: write_json(a.json, dict(header=header, rows=rows))
+    return 0
