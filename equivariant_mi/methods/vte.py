@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy, math
 from dataclasses import dataclass
 
+from fastcore.basics import patch
+
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -405,6 +407,12 @@ def equivariance_report(method, images, n=2000, seed=0, **regression):
             'z_from_zhat_t': r2(torch.cat([zhat, t], 1), z), 'z_from_zhat': r2(zhat, z), 'z_from_t': r2(t, z),
             'n': len(t)}
 
+# %% ../../nbs/11_vte.ipynb #e169bb71
+@patch
+def eval_metrics(self: VTEBase, test) -> dict:
+    "The equivariance check on the first (up to) 2000 images of the held-out ImageSet `test` (`emi eval --metrics method`)."
+    return equivariance_report(self, test.images, n=min(2000, len(test)))
+
 # %% ../../nbs/11_vte.ipynb #3da23545
 def nearest_in_family(t, config):
     "t [B, 8] of the family member nearest to decoded t: the closest allowed quarter turn, scale and shift clamped."
@@ -439,7 +447,7 @@ def benchmark(argv=None) -> int:
     p.add_argument('--no-reference', action='store_true', help="skip the authors' rows")
     p.add_argument('--steps', type=B._int_arg(1), default=None, help='timed steps per row (default: 3 on a CPU)')
     p.add_argument('--seconds', type=B._seconds_arg, default=None, help='timed seconds per row on a GPU (default 3)')
-    p.add_argument('--warmup', type=B._int_arg(1), default=None, help='untimed steps per row (default 5 GPU, 1 CPU)')
+    p.add_argument('--warmup', type=B._int_arg(1), default=None, help='untimed steps per row (default 5 GPU, 2 CPU)')
     p.add_argument('--data', default='auto', help="auto (the preset's data set, random images when missing), random")
     p.add_argument('--set', dest='settings', type=_setting, action='append', default=[], metavar='KEY=VALUE',
                    help='override a config field of the preset')
@@ -459,7 +467,7 @@ def benchmark(argv=None) -> int:
         steps = a.steps or (3 if cpu else None)
         header, rows = B.bench_train(a.models, preset, [a.batch_size] if a.batch_size else None, a.precision,
                                      a.compile, device, a.data, dict(a.settings), None,
-                                     a.warmup or (1 if cpu else None), steps, a.seconds, a.workers,
+                                     a.warmup or (2 if cpu else None), steps, a.seconds, a.workers,
                                      not a.no_reference, seed=0, log=say)
     except (UsageError, B.BenchArgumentError) as err:
         print(f"python -m equivariant_mi.bench vte: error: {' '.join(str(err).split())}", file=sys.stderr)
