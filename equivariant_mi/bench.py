@@ -338,8 +338,10 @@ def _stage1_runs(cls, preset, data, settings, device, folder, seed):
 
 
 def _is_vte(cls):
-    from equivariant_mi.methods.vte import VTEBase
-    return issubclass(cls, VTEBase)
+    "Whether the authors' PIL rows apply: batches {'x', 'tx', 't'} of a projective family (VTE, AVT), read from the class."
+    import dataclasses
+    family = {'max_translate', 'scale', 'quarter_turns', 'corner_jitter', 'fill'}
+    return family <= {f.name for f in dataclasses.fields(cls.Config)} and callable(getattr(cls, 'standardize', None))
 
 
 def plan_train(methods, preset='default', batch_sizes=None, precision='auto', device=None, data='auto',

@@ -231,6 +231,40 @@ def _previous_run(out: Path):
     except ValueError as err: _fail('--out', str(err))
 
 
+class _Stopped(Exception):
+    "A run this command trains first stopped on a signal: the command ends with its exit status."
+    def __init__(self, status): self.status = status
+
+
+def _auto_requirement(args, key, req, preset, dataset, out) -> Path:
+    """The run for requirement `key` (with `auto_train`) when --from names none: the folder METHOD-PRESET-DATASET beside
+    `out`; reused when it holds a finished run with the same settings, continued when unfinished, else trained with
+    this command's options (and the --set settings its config shares)."""
+    where = Path(out).parent / f"{req.method}-{preset}-{dataset}"
+    fields = {f.name for f in dataclasses.fields(M.get_method(req.method).Config)}
+    sub = argparse.Namespace(**{**vars(args), 'method': req.method, 'out': str(where), 'from_runs': [],
+                                'resume': False, 'overwrite': False, 'preset': preset, 'dataset': dataset,
+                                'settings': [(k, v) for k, v in args.settings if k in fields]})
+    prev, step = _previous_run(where)
+    if prev is not None:
+        if prev['method'] != req.method:
+            _fail('--from', f"{where} holds a {prev['method']!r} run, not the {req.method!r} run {key!r} needs; "
+                            f"name one with --from {key}=RUN")
+        try: _check_same_as_run(sub, prev, where)
+        except UsageError as err:
+            raise UsageError(f"{err}; or name the {key!r} run with --from {key}=RUN") from None
+        finished = step is not None and R.run_finished(prev, R.read_checkpoint(where, 'cpu')[0])
+        if finished and (args.epochs is None or args.epochs <= prev['fit']['epochs']):
+            print(f"{key}: reusing the finished {req.method} run in {where}", flush=True)
+            return where
+        sub.resume = True
+    print(f"{key}: {'continuing' if sub.resume else 'training'} the {req.method} run it builds on, in {where}",
+          flush=True)
+    status = _fit_run(*_train_plan(sub))
+    if status: raise _Stopped(status)
+    return where
+
+
 def _train_plan(args):
     "Validate the train arguments with the library's own checks; return (method, data, fit keyword arguments, note)."
     if args.resume and args.overwrite:
@@ -288,6 +322,10 @@ def _train_plan(args):
     from_runs = _from_runs(args, cls)
     if prev is not None and ck_step is None and not from_runs:    # a restart from step 0 rebuilds on the same runs
         from_runs = {k: r['path'] for k, r in prev.get('requires', {}).items()}
+    if prev is None:                                       # a new run: train or reuse the runs it builds on itself
+        for k, req in cls.requires.items():
+            if req.auto_train and k not in from_runs:
+                from_runs[k] = _auto_requirement(args, k, req, method.preset, data.name, out)
     kw = dict(epochs=epochs, out=out, seed=seed, resume=args.resume, overwrite=args.overwrite, max_steps=args.max_steps,
               device=device, precision=precision, log_every=log_every, checkpoint_every=ck_every,
               checkpoint_minutes=ck_minutes, from_runs=from_runs)
@@ -306,7 +344,12 @@ def _train_plan(args):
 
 def cmd_train(args) -> int:
     "emi train: validate, fit, say where the run is; SIGINT or SIGTERM: a checkpoint, then exit 128 + the signal."
-    method, data, kw, note = _train_plan(args)
+    try: return _fit_run(*_train_plan(args))
+    except _Stopped as stop: return stop.status
+
+
+def _fit_run(method, data, kw, note) -> int:
+    "Fit a planned run and report it; the exit status."
     rank0 = int(os.environ.get('RANK', 0)) == 0            # under torchrun only rank 0 reports
     if note and rank0: print(note, flush=True)
     t0 = time.time()

@@ -25,9 +25,9 @@ from .critics import ConcatCritic, mlp
 
 # %% auto #0
 __all__ = ['PROBES', 'METRICS', 'extract_features', 'budget_indices', 'logreg_probe', 'knn_probe', 'svm_probe', 'centroid_probe',
-           'mlp_probe', 'dim_mlp_probe', 'equivae_mlp_probe', 'evaluate_features', 'format_results', 'evaluate_method',
-           'write_eval', 'read_eval', 'uniformity', 'gaussian_potential', 'alignment', 'mine_estimate', 'shuffle_dims',
-           'joint_marginal_scores', 'ndm_estimate', 'feature_metrics']
+           'mlp_probe', 'dim_mlp_probe', 'small_mlp_probe', 'equivae_mlp_probe', 'evaluate_features', 'format_results',
+           'evaluate_method', 'write_eval', 'read_eval', 'uniformity', 'gaussian_potential', 'alignment',
+           'mine_estimate', 'shuffle_dims', 'joint_marginal_scores', 'ndm_estimate', 'feature_metrics']
 
 # %% ../nbs/08_evaluation.ipynb #818d4138
 def _feature_fn(method):
@@ -177,8 +177,12 @@ def dim_mlp_probe(x, y, seed=0, hidden=200, dropout=0.1, lr=1e-4, batch_size=64,
                                        nn.Linear(hidden, C))
     return mlp_probe(x, y, seed=seed, lr=lr, batch_size=batch_size, milestones=milestones, net=build, **kwargs)
 
+def small_mlp_probe(x, y, seed=0, hidden=(512, 512), patience=5, epochs=30, **kwargs):
+    "The two-hidden-layer MLP probe at a CPU's cost: 512-512 units, early stopping with patience 5, at most 30 epochs."
+    return mlp_probe(x, y, seed=seed, hidden=tuple(hidden), patience=patience, epochs=epochs, **kwargs)
+
 PROBES = {'logreg': logreg_probe, 'knn': knn_probe, 'svm': svm_probe, 'mlp': mlp_probe,
-          'dim_mlp': dim_mlp_probe, 'centroid': centroid_probe}
+          'dim_mlp': dim_mlp_probe, 'mlp_small': small_mlp_probe, 'centroid': centroid_probe}
 
 # %% ../nbs/08_evaluation.ipynb #bab27a58
 def equivae_mlp_probe(x, y, seed=0, hidden=(128, 64), dropout=0.5, **kwargs):
@@ -265,10 +269,11 @@ def format_results(results, metric='accuracy', digits=4):
 def evaluate_method(method, train, test, layers=None, samples=1, batch_size=512, device=None, metrics=(),
                     metric_kwargs=None, **kwargs):
     """Extract every (or each named) layer of `method` for the `train` and `test` ImageSets and run `evaluate_features`
-    on each; with `metrics`, also `feature_metrics` of each layer's test features; {'layers': {name: results}}."""
-    reduce = 'stack' if samples > 1 else 'mean'
-    get = lambda s: extract_features(method, s.images, batch_size, samples, reduce, layers, device)
-    f_train, f_test = get(train), get(test)
+    on each; with `metrics`, also `feature_metrics` of each layer's test features; {'layers': {name: results}}.
+    With `samples` > 1 the probes train on one draw of the training features, tested on `samples` draws."""
+    f_train = extract_features(method, train.images, batch_size, 1, 'mean', layers, device)   # one draw is used
+    f_test = extract_features(method, test.images, batch_size, samples, 'stack' if samples > 1 else 'mean', layers,
+                              device)
     out = {}
     for name in f_train:
         out[name] = evaluate_features(f_train[name], train.labels, f_test[name], test.labels, device=device, **kwargs)

@@ -172,6 +172,8 @@ class Requirement:
     method: str | None = None        # the registered name the other run must have trained (None: any)
     module: str | None = None        # which sub-module to take, e.g. 'encoder'
     help: str = ''                   # one line for error messages: how to make that run
+    auto_train: bool = False         # True: `emi train` without --from trains (or reuses) that run itself, with the
+                                     # same preset, data and shared settings, beside the new run (METHOD-PRESET-DATASET)
 
 # %% ../nbs/07a_method.ipynb #ec243983
 def _n_args(f) -> int:

@@ -1,4 +1,4 @@
-"""VTE through the command line: stage 1, stage 2 built on it with --from, a clear error without it, emi eval with 5 draws."""
+"""VTE through the command line: stage 1, stage 2 built on it with --from or trained by the same command, emi eval with 5 draws."""
 import json
 
 import equivariant_mi.methods.vte  # noqa: F401  registers the five models (methods/__init__ may not import it yet)
@@ -21,9 +21,26 @@ def test_two_stages_through_the_cli(tmp_path, capsys):
     assert ev['layers']['z']['probes']['logreg']['50']['error']['n'] == 5      # one error per test draw, averaged
 
 
-def test_stage_two_needs_stage_one(tmp_path, capsys):
+def test_one_command_trains_then_reuses_stage_one(tmp_path, capsys):
+    "Without --from a stage-2 model trains its stage-1 run beside it (same options); the next one does not train it again."
+    assert cli.main(['train', 'vte-ba', *SMALL, '--out', str(tmp_path / 'ba')]) == 0
+    stage1 = tmp_path / 'vte-pt-mnist-mnist'
+    info = json.loads((tmp_path / 'ba' / 'config.json').read_text())
+    assert info['requires']['stage1']['path'] == str(stage1.resolve())
+    assert json.loads((stage1 / 'config.json').read_text())['config']['z_dim'] == 16       # the --set settings too
+    capsys.readouterr()
+    before = (stage1 / 'checkpoint.pt').read_bytes()
+    assert cli.main(['train', 'vte-infonce-sep', *SMALL, '--out', str(tmp_path / 'sep')]) == 0
+    assert 'the vte-pt run' in capsys.readouterr().out and (stage1 / 'checkpoint.pt').read_bytes() == before
+
+
+def test_stage_one_beside_with_other_settings_is_refused(tmp_path, capsys):
+    other = [a if a != 'z_dim=16' else 'z_dim=8' for a in SMALL]
+    assert cli.main(['train', 'vte-pt', *other, '--out', str(tmp_path / 'vte-pt-mnist-mnist')]) == 0
+    capsys.readouterr()
     status = cli.main(['train', 'vte-infonce-sep', *SMALL, '--out', str(tmp_path / 'x')])
-    assert status == 2 and 'stage1' in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert status == 2 and 'z_dim' in err and '--from stage1=RUN' in err
 
 
 def test_stage_one_must_match(tmp_path, capsys):

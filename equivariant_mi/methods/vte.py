@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy, math
 from dataclasses import dataclass
 
+from fastcore.basics import patch
+
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -19,9 +21,10 @@ from ..transforms import (projective_from_uniform, projective_matrix, sample_pro
 from ..utils import check_int, check_number, check_one_of, check_images
 
 # %% auto #0
-__all__ = ['ENCODERS', 'VTE_PRESETS', 'VTEConfig', 'projective_batch', 't_standardizer', 'small_body', 'make_encoder', 'VTEBase',
-           'PredictiveTransformation', 'AVT', 'load_stage1', 'VTEStage2', 'VTEBA', 'VTEInfoNCE', 'VTEInfoNCESeparated',
-           'VTEInfoNCEConcat', 'transformed_pairs', 'regression_r2', 'equivariance_report', 'nearest_in_family']
+__all__ = ['ENCODERS', 'VTE_PRESETS', 'PROTOCOL_IMAGES', 'VTE_MODELS', 'VTEConfig', 'projective_batch', 't_standardizer',
+           'small_body', 'make_encoder', 'VTEBase', 'PredictiveTransformation', 'AVT', 'load_stage1', 'VTEStage2',
+           'VTEBA', 'VTEInfoNCE', 'VTEInfoNCESeparated', 'VTEInfoNCEConcat', 'transformed_pairs', 'regression_r2',
+           'equivariance_report', 'nearest_in_family', 'benchmark']
 
 # %% ../../nbs/11_vte.ipynb #a26acd41
 from ..method import Method, MethodConfig, Requirement, register
@@ -239,9 +242,9 @@ def load_stage1(method, source):
 
 class VTEStage2(VTEBase):
     "Stage-2 base: a frozen stage-1 encoder gives z from tx, the trained `encoder` gives zhat from x."
-    requires = {'stage1': Requirement(method='vte-pt', module='encoder',
-                                      help="train it first with the same preset and settings (emi train vte-pt --preset P --out RUN), "
-                                           "then pass --from RUN")}
+    requires = {'stage1': Requirement(method='vte-pt', module='encoder', auto_train=True,
+                                      help="train it with the same preset and settings (emi train vte-pt --preset P "
+                                           "--out RUN), then pass --from RUN; `emi train` does it when --from is left out")}
 
     def __init__(self, config=None, **overrides):
         super().__init__(config, **overrides)
@@ -404,6 +407,12 @@ def equivariance_report(method, images, n=2000, seed=0, **regression):
             'z_from_zhat_t': r2(torch.cat([zhat, t], 1), z), 'z_from_zhat': r2(zhat, z), 'z_from_t': r2(t, z),
             'n': len(t)}
 
+# %% ../../nbs/11_vte.ipynb #e169bb71
+@patch
+def eval_metrics(self: VTEBase, test) -> dict:
+    "The equivariance check on the first (up to) 2000 images of the held-out ImageSet `test` (`emi eval --metrics method`)."
+    return equivariance_report(self, test.images, n=min(2000, len(test)))
+
 # %% ../../nbs/11_vte.ipynb #3da23545
 def nearest_in_family(t, config):
     "t [B, 8] of the family member nearest to decoded t: the closest allowed quarter turn, scale and shift clamped."
@@ -414,3 +423,65 @@ def nearest_in_family(t, config):
     scale = torch.sqrt(cos ** 2 + sin ** 2).clamp(*c.scale)
     shift = (t[:, [2, 5]] / 2).clamp(-c.max_translate, c.max_translate)
     return matrix_to_t(projective_matrix(shift, scale, k))
+
+# %% ../../nbs/11_vte.ipynb #640207b8
+PROTOCOL_IMAGES = {'cifar10': 50_000, 'stl10': 100_000, 'mnist': 60_000}   # training images of one epoch per preset
+VTE_MODELS = ('vte-pt', 'avt', 'vte-ba', 'vte-infonce-sep', 'vte-infonce-cat')
+
+
+def benchmark(argv=None) -> int:
+    """`python -m equivariant_mi.bench vte`: training samples/s of each model on this device, ours next to the authors'
+    fp32 PIL-loader configuration (4 and 2 workers), each row's epoch time and the protocol's projected total."""
+    import argparse, sys
+    from equivariant_mi import bench as B
+    from equivariant_mi.cli import UsageError, _Parser, _setting
+    from equivariant_mi.utils import resolve_device, write_json
+    p = _Parser(prog='python -m equivariant_mi.bench vte', description=benchmark.__doc__.split('\n')[0])
+    p.add_argument('--preset', default=None, help="a VTE preset (default: cifar10 on a GPU, mnist on a CPU)")
+    p.add_argument('--models', nargs='+', default=list(VTE_MODELS), help='which of the five models to time')
+    p.add_argument('--device', default=None, help='cuda, cuda:1 or cpu (default: cuda when available)')
+    p.add_argument('--precision', default='auto', help="fit's precision for our rows (auto: bf16 on recent GPUs)")
+    p.add_argument('--compile', action='store_true', help='torch.compile our training step')
+    p.add_argument('--batch-size', type=B._int_arg(2), default=None, help="the batch size (default: the preset's)")
+    p.add_argument('--workers', type=B._int_arg(0), nargs='+', default=[4, 2], help="DataLoader workers, authors' rows")
+    p.add_argument('--no-reference', action='store_true', help="skip the authors' rows")
+    p.add_argument('--steps', type=B._int_arg(1), default=None, help='timed steps per row (default: 3 on a CPU)')
+    p.add_argument('--seconds', type=B._seconds_arg, default=None, help='timed seconds per row on a GPU (default 3)')
+    p.add_argument('--warmup', type=B._int_arg(1), default=None, help='untimed steps per row (default 5 GPU, 2 CPU)')
+    p.add_argument('--data', default='auto', help="auto (the preset's data set, random images when missing), random")
+    p.add_argument('--set', dest='settings', type=_setting, action='append', default=[], metavar='KEY=VALUE',
+                   help='override a config field of the preset')
+    p.add_argument('--epochs', type=B._int_arg(1), default=200, help='epochs per model of the projected protocol')
+    p.add_argument('--json', default=None, help='also write the header and rows to this JSON file')
+    say = lambda s: print(s, file=sys.stderr, flush=True)
+    try:
+        a = p.parse_args(argv)
+        try: device = resolve_device(a.device)
+        except ValueError as e: raise UsageError(f'argument --device: {e}') from None
+        cpu = device.type != 'cuda'
+        preset = a.preset or ('mnist' if cpu else 'cifar10')
+        bad = [m for m in a.models if m not in VTE_MODELS]
+        if bad: raise UsageError(f"argument --models: {bad} are not VTE models; choose from {list(VTE_MODELS)}")
+        if preset not in VTE_PRESETS:
+            raise UsageError(f"argument --preset: must be one of {sorted(VTE_PRESETS)}, got {preset!r}")
+        steps = a.steps or (3 if cpu else None)
+        header, rows = B.bench_train(a.models, preset, [a.batch_size] if a.batch_size else None, a.precision,
+                                     a.compile, device, a.data, dict(a.settings), None,
+                                     a.warmup or (2 if cpu else None), steps, a.seconds, a.workers,
+                                     not a.no_reference, seed=0, log=say)
+    except (UsageError, B.BenchArgumentError) as err:
+        print(f"python -m equivariant_mi.bench vte: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    n = PROTOCOL_IMAGES[preset]
+    for r in rows: r['epoch_s'] = n / r['samples_per_s']
+    cols = B.TRAIN_COLUMNS + [('epoch s', 10, lambda r: f"{r['epoch_s']:,.0f}")]
+    pipelines = list(dict.fromkeys(r['pipeline'] for r in rows))
+    totals = {pl: sum(r['epoch_s'] for r in rows if r['pipeline'] == pl) * a.epochs for pl in pipelines}
+    timed = sorted({r['method'] for r in rows})
+    header = header + [f'epoch s = {n:,} training images of the {preset} protocol / samples/s']
+    lines = [f"projected protocol ({', '.join(timed)}: {a.epochs} epochs each"
+             f"{'' if len(timed) == len(VTE_MODELS) else '; the models not timed are left out'}):"]
+    lines += [f"  {pl:<40} {t / 3600:8.2f} h" for pl, t in totals.items()]
+    print(B.fixed_width(header, cols, rows) + '\n\n' + '\n'.join(lines), flush=True)
+    if a.json: write_json(a.json, dict(header=header, rows=rows, projected_s=totals, preset=preset, epochs=a.epochs))
+    return 0
