@@ -6,10 +6,10 @@
 __all__ = ['PIPELINE_COLUMNS', 'TRAIN_COLUMNS', 'bench_images', 'PILPerspective', 'time_steps', 'gpu_pipeline', 'time_loader',
            'bench_pipeline', 'fixed_width', 'format_table', 'BenchArgumentError', 'preset_dataset', 'random_imageset',
            'method_data', 'StepClock', 'pil_make_batch', 'plan_train', 'bench_train', 'format_train_table',
-           'build_parser', 'main']
+           'build_parser', 'paper_benchmark', 'main']
 
 # %% ../nbs/05b_bench.ipynb #120a81d8
-import argparse, math, os, platform, random, sys, tempfile, time, warnings
+import argparse, math, os, platform, random, re, sys, tempfile, time, warnings
 from pathlib import Path
 
 import numpy as np
@@ -470,7 +470,8 @@ def build_parser():
     "The parser of `python -m equivariant_mi.bench {pipeline, train}`; a bad value raises cli.UsageError."
     from equivariant_mi.cli import _Parser, _setting, _setting_or_path
     from equivariant_mi.training import PRECISIONS
-    p = _Parser(prog='python -m equivariant_mi.bench', description='Benchmarks of equivariant_mi.')
+    p = _Parser(prog='python -m equivariant_mi.bench', description="Benchmarks of equivariant_mi. A method module's own "
+                "benchmark runs as `python -m equivariant_mi.bench MODULE ...` (e.g. dim, vte, equivae, crl-tac).")
     sub = p.add_subparsers(dest='bench', required=True)
     q = sub.add_parser('pipeline', help='images/s: batched projective warp on the device vs a PIL DataLoader')
     q.add_argument('--quick', action='store_true', help='0.2 s per row and loader batches of 64 (for tests)')
@@ -534,11 +535,24 @@ def _from_args(pairs, methods):
     return out
 
 
+def paper_benchmark(name):
+    """The `benchmark(argv) -> int` of the method module `equivariant_mi.methods.<name>` ('-' read as '_'), or None:
+    each paper chapter owns its benchmark (`python -m equivariant_mi.bench dim`), this module knows none of them."""
+    import importlib, importlib.util
+    if not re.fullmatch(r'[a-z][a-z0-9_-]*', name): return None
+    module = f"equivariant_mi.methods.{name.replace('-', '_')}"
+    if importlib.util.find_spec(module) is None: return None
+    return getattr(importlib.import_module(module), 'benchmark', None)
+
+
 def main(argv=None) -> int:
-    """Command line: `python -m equivariant_mi.bench pipeline ...` or `... train METHOD ...` prints the table;
-    a bad argument is one line on stderr and exit status 2."""
+    """Command line: `python -m equivariant_mi.bench pipeline ...`, `... train METHOD ...`, or `... PAPER ...` (a method
+    module's own benchmark) prints the table; a bad argument is one line on stderr and exit status 2."""
     from equivariant_mi.cli import UsageError
     say = lambda s: print(s, file=sys.stderr, flush=True)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] not in ('pipeline', 'train') and (bench := paper_benchmark(argv[0])) is not None:
+        return bench(argv[1:])
     try:
         a = build_parser().parse_args(argv)
         if a.threads: torch.set_num_threads(a.threads)

@@ -123,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument('--samples', type=_positive_int, default=1,
                    help='draws of stochastic features: train on the first, test on every draw (VTE uses 5)')
     e.add_argument('--batch-size', type=_positive_int, default=1024, help='feature-extraction batch size')
+    e.add_argument('--layers', type=_name_list, default=None,
+                   help="comma-separated feature layers to evaluate, e.g. conv,fc,y (default: all the method's)")
+    e.add_argument('--metrics', type=_name_list, default=[],
+                   help="comma-separated label-free measures per layer: mine, ndm, uniformity, and `method` for the "
+                        "method's own eval_metrics (default: none)")
+    e.add_argument('--mine-steps', type=_positive_int, default=2000, help='training steps of MINE and NDM (default 2000)')
+    e.add_argument('--out', default='eval.json', help='results file inside DIR (default: eval.json)')
     sub.add_parser('list', help='methods with their presets and settings, data sets, probes')
     return p
 
@@ -330,6 +337,11 @@ def _eval_plan(args):
     known = _probe_names()
     bad = [p for p in args.probe if p not in known]
     if bad: _fail('--probe', f"unknown probe(s) {bad}; choose from {known}")
+    from equivariant_mi.evaluation import METRICS
+    bad = [m for m in args.metrics if m not in METRICS + ('method',)]
+    if bad: _fail('--metrics', f"unknown measure(s) {bad}; choose from {list(METRICS) + ['method']}")
+    if not re.fullmatch(r'[\w.-]+\.json', args.out):
+        _fail('--out', f"must be a file name ending in .json (it is written inside DIR), got {args.out!r}")
     device = _check_device(args.device)
     try: info, step = R.read_run_info(run), R.checkpoint_step(run)
     except ValueError as err: _fail('DIR', str(err))
@@ -352,7 +364,19 @@ def _eval_plan(args):
         test = test.subset(torch.arange(args.test_subset))
     try: method = R.load_run(run, device=device)
     except ValueError as err: _fail('DIR', str(err))
+    _check_eval_method(method, test, args)
     return method, train, test
+
+
+def _check_eval_method(method, test, args):
+    "--layers must name layers of the method's features (tried on 2 test images); --metrics method needs eval_metrics."
+    from equivariant_mi.evaluation import extract_features
+    if args.layers is not None:
+        names = list(extract_features(method, test.images[:2], device=args.device))
+        bad = [n for n in args.layers if n not in names]
+        if bad: _fail('--layers', f"{bad} are not layers of {method.name}'s features; choose from {names}")
+    if 'method' in args.metrics and not callable(getattr(method, 'eval_metrics', None)):
+        _fail('--metrics', f"`method` needs the method to define eval_metrics(test); {method.name} does not")
 
 
 def probe_pool(labels, budgets, seeds):
@@ -368,8 +392,14 @@ def results_table(layers: dict) -> str:
         if b not in r['probes'].get(p, {}): return '-'
         a = r['probes'][p][b]['accuracy']
         return f"{a['mean']:.4f}" + (f" ±{a['std']:.4f}" if a['n'] > 1 else '')
-    head = ['features', 'dim'] + [f"{p}@{b}" for p, b in cols]
-    rows = [[k, str(r['dim'])] + [cell(r, p, b) for p, b in cols] for k, r in layers.items()]
+    measures = [m for m in ('mine', 'ndm', 'uniformity') if any(m in r.get('metrics', {}) for r in layers.values())]
+    def measure(r, m):                                   # nats for MINE and NDM; the Gaussian potential (1 = collapsed)
+        v = r.get('metrics', {}).get(m)
+        return '-' if v is None else f"{v['gaussian_potential'] if m == 'uniformity' else v[{'mine': 'mi'}.get(m, m)]:.3f}"
+    names = {'mine': 'MINE', 'ndm': 'NDM', 'uniformity': 'potential'}
+    head = ['features', 'dim'] + [f"{p}@{b}" for p, b in cols] + [names[m] for m in measures]
+    rows = [[k, str(r['dim'])] + [cell(r, p, b) for p, b in cols] + [measure(r, m) for m in measures]
+            for k, r in layers.items()]
     w = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
     fmt = lambda r: '  '.join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r))
     return '\n'.join([fmt(head), fmt(['-' * x for x in w])] + [fmt(r) for r in rows])
@@ -393,8 +423,10 @@ def merge_eval(path, record: dict) -> tuple:
         if k not in layers: layers[k] = r; continue
         probes = {p: dict(per) for p, per in layers[k]['probes'].items()}
         for p, per in r['probes'].items(): probes[p] = {**probes.get(p, {}), **per}
-        layers[k] = {**r, 'probes': probes}
-    return {**record, 'layers': layers}, None
+        metrics = {**layers[k].get('metrics', {}), **r.get('metrics', {})}
+        layers[k] = {**layers[k], **r, 'probes': probes, **({'metrics': metrics} if metrics else {})}
+    extra = {**old.get('method_metrics', {}), **record.get('method_metrics', {})}
+    return {**record, 'layers': layers, **({'method_metrics': extra} if extra else {})}, None
 
 
 def cmd_eval(args) -> int:
@@ -410,8 +442,9 @@ def cmd_eval(args) -> int:
     pool = probe_pool(train.labels, args.labels, seeds)
     train = train.subset(pool.to(train.images.device))
     protocol = dict(probes=args.probe, budgets=args.labels, seeds=seeds)
-    layers = evaluate_method(method, train, test, samples=args.samples, batch_size=args.batch_size, device=args.device,
-                             **protocol)['layers']
+    layers = evaluate_method(method, train, test, layers=args.layers, samples=args.samples, batch_size=args.batch_size,
+                             device=args.device, metrics=[m for m in args.metrics if m != 'method'],
+                             metric_kwargs=dict(steps=args.mine_steps), **protocol)['layers']
     if not args.no_pixels:
         pixels = evaluate_features(D.to_float(train.images).flatten(1), train.labels,
                                    D.to_float(test.images).flatten(1), test.labels, device=args.device, **protocol)
@@ -420,10 +453,13 @@ def cmd_eval(args) -> int:
     record = {'run': str(args.run), 'method': method.name, 'dataset': train.name, 'n_test': len(test),
               'samples': args.samples, 'checkpoint': {k: ck[k] for k in ('step', 'sha256', 'finished')},
               'layers': layers}
-    path = Path(args.run) / 'eval.json'
+    if 'method' in args.metrics:                         # the method's own measures, e.g. CRL-TAC's channel health
+        record['method_metrics'] = method.eval_metrics(test)
+        print('method measures:', json.dumps(record['method_metrics']))
+    path = Path(args.run) / args.out
     merged, dropped = merge_eval(path, record)
     if dropped: print(f"note: {path} held earlier results; {dropped}, so they were dropped")
-    write_eval(args.run, merged)
+    write_eval(args.run, merged, args.out)
     os.chmod(path, stat.S_IMODE((Path(args.run) / 'config.json').stat().st_mode))   # the run's files share a mode
     print(f"({time.time() - t0:.0f} s; features of {len(pool)} training and {len(test)} test images; "
           f"checkpoint at step {ck['step']}; written to {path})")

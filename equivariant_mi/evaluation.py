@@ -24,10 +24,10 @@ from .bounds import dv_bound, jsd_bound, mine_objective
 from .critics import ConcatCritic, mlp
 
 # %% auto #0
-__all__ = ['PROBES', 'extract_features', 'budget_indices', 'logreg_probe', 'knn_probe', 'svm_probe', 'centroid_probe',
+__all__ = ['PROBES', 'METRICS', 'extract_features', 'budget_indices', 'logreg_probe', 'knn_probe', 'svm_probe', 'centroid_probe',
            'mlp_probe', 'dim_mlp_probe', 'evaluate_features', 'format_results', 'evaluate_method', 'write_eval',
            'read_eval', 'uniformity', 'gaussian_potential', 'alignment', 'mine_estimate', 'shuffle_dims',
-           'joint_marginal_scores', 'ndm_estimate']
+           'joint_marginal_scores', 'ndm_estimate', 'feature_metrics']
 
 # %% ../nbs/08_evaluation.ipynb #818d4138
 def _feature_fn(method):
@@ -249,15 +249,20 @@ def format_results(results, metric='accuracy', digits=4):
     return '\n'.join(rows)
 
 # %% ../nbs/08_evaluation.ipynb #9ea88428
-def evaluate_method(method, train, test, layers=None, samples=1, batch_size=512, device=None, **kwargs):
+def evaluate_method(method, train, test, layers=None, samples=1, batch_size=512, device=None, metrics=(),
+                    metric_kwargs=None, **kwargs):
     """Extract every (or each named) layer of `method` for the `train` and `test` ImageSets and run `evaluate_features`
-    on each; {'layers': {name: results}}."""
+    on each; with `metrics`, also `feature_metrics` of each layer's test features; {'layers': {name: results}}."""
     reduce = 'stack' if samples > 1 else 'mean'
     get = lambda s: extract_features(method, s.images, batch_size, samples, reduce, layers, device)
     f_train, f_test = get(train), get(test)
-    return {'samples': int(samples), 'layers': {name: evaluate_features(f_train[name], train.labels, f_test[name],
-                                                                      test.labels, device=device, **kwargs)
-                                                for name in f_train}}
+    out = {}
+    for name in f_train:
+        out[name] = evaluate_features(f_train[name], train.labels, f_test[name], test.labels, device=device, **kwargs)
+        if metrics:                                          # label-free measures use the first draw of the test set
+            z = f_test[name][0] if samples > 1 else f_test[name]
+            out[name]['metrics'] = feature_metrics(z, test.images, metrics, device=device, **(metric_kwargs or {}))
+    return {'samples': int(samples), 'layers': out}
 
 def write_eval(run_dir, results, filename='eval.json'):
     "Write `results` as JSON to run_dir/eval.json atomically (`utils.write_json`: temporary file, then rename)."
@@ -418,3 +423,26 @@ def ndm_estimate(z, discriminator=None, steps=2000, batch_size=256, lr=1e-4, hel
     return {'ndm': float(kl.mean()), 'ndm_std_over_batches': float(kl.std()) if len(kl) > 1 else 0.0,
             'jsd': float(js.mean()), 'steps': int(steps), 'batch_size': int(batch_size), 'n_held_out': int(len(te)),
             'train_curve': _curve(history)}
+
+# %% ../nbs/08_evaluation.ipynb #fm0code1
+METRICS = ('mine', 'ndm', 'uniformity')
+
+def feature_metrics(z, images, metrics=METRICS, steps=2000, batch_size=256, seed=0, device=None):
+    """Label-free measures of one layer's features z [N, D] of `images` [N, C, H, W]: MINE's I(pixels; z) and NDM in
+    nats, and the uniformity (log mean Gaussian potential on the sphere) with its potential; a JSON-ready dict."""
+    bad = [m for m in metrics if m not in METRICS]
+    if bad: raise ValueError(f"`metrics` must be a subset of {list(METRICS)}, got {bad}")
+    z, out = torch.as_tensor(z).float().flatten(1), {}
+    if len(z) != len(images): raise ValueError(f"`z` and `images` must have as many rows, got {len(z)}, {len(images)}")
+    keep = lambda r, keys: {k: r[k] for k in keys}
+    if 'mine' in metrics:
+        r = mine_estimate(images, z, steps=steps, batch_size=batch_size, seed=seed, device=device)
+        out['mine'] = keep(r, ('mi', 'mi_std_over_batches', 'steps', 'batch_size', 'n_held_out'))
+    if 'ndm' in metrics:
+        r = ndm_estimate(z, steps=steps, batch_size=batch_size, seed=seed, device=device)
+        out['ndm'] = keep(r, ('ndm', 'jsd', 'ndm_std_over_batches', 'steps', 'batch_size', 'n_held_out'))
+    if 'uniformity' in metrics:
+        u = float(uniformity(z))
+        out['uniformity'] = {'uniformity': u, 'gaussian_potential': math.exp(u), 'n': len(z)}
+    return out
+
