@@ -300,6 +300,7 @@ class CRLTAC(Method):
             orc = self.oracle_mask(xs).float()
             o = {}
             for name, w in (('', p), ('_top8', top), ('_oracle', orc)):
+                w = torch.where(w > 1e-12 * w.amax(1, keepdim=True), w, 0.0)  # (see below: weights under 1e-12)
                 w = w / w.sum(1, keepdim=True)
                 o['h' + name] = F.normalize(torch.einsum('bt,btd->bd', w, h.float()), dim=-1)
                 o['f' + name] = torch.einsum('bt,btd->bd', w, f.float())
