@@ -18,7 +18,8 @@ from ..transforms import CropGrid
 from ..utils import check_int, check_number, check_one_of
 
 # %% auto #0
-__all__ = ['CHANNELS', 'P_OBJECTIVES', 'sample_vmf', 'policy_health', 'CRLTACConfig', 'CRLTAC', 'p_gradient_diagnostic']
+__all__ = ['CHANNELS', 'P_OBJECTIVES', 'BENCH_PRESETS', 'sample_vmf', 'policy_health', 'CRLTACConfig', 'CRLTAC',
+           'p_gradient_diagnostic', 'benchmark']
 
 # %% ../../nbs/12_crl_tac.ipynb #b864c3d0
 def sample_vmf(mu: Tensor, kappa: float) -> Tensor:
@@ -186,10 +187,22 @@ class CRLTAC(Method):
         return torch.where(mask, -mask.sum(1, keepdim=True).float().log(), -math.inf)
 
     def code(self, crops: Tensor, with_f: bool = False):
-        "h(t(x)) [..., D] on the sphere for uint8 crops [..., C, c, c] (and f, the 200-d representation, if `with_f`)."
+        """h(t(x)) [..., D] on the sphere for uint8 crops [..., C, c, c] (and f, the 200-d representation, if `with_f`).
+        Every blank crop is the same picture, so it goes through the encoder once and its code is copied (an index
+        whose backward adds the copies' gradients): on placed-MNIST ~84 % of the crops are blank."""
         lead = crops.shape[:-3]
-        f = self.encoder(self.to_input(crops.reshape(-1, *crops.shape[-3:])))
-        h = self.head(f)
+        flat = crops.reshape(-1, *crops.shape[-3:])
+        inked = flat.flatten(1).amax(1) > 0
+        keep = inked.nonzero().squeeze(1)
+        if len(keep) < len(flat):                                   # the distinct inputs: inked crops + one blank
+            pos = torch.full((len(flat),), len(keep), dtype=torch.long, device=flat.device)
+            pos[keep] = torch.arange(len(keep), device=flat.device)
+            f = self.encoder(self.to_input(torch.cat([flat[keep], torch.zeros_like(flat[:1])])))
+            h = self.head(f)
+            f, h = f[pos], h[pos]
+        else:
+            f = self.encoder(self.to_input(flat))
+            h = self.head(f)
         h = h.reshape(*lead, -1)
         return (h, f.reshape(*lead, -1)) if with_f else h
 
@@ -287,6 +300,7 @@ class CRLTAC(Method):
             orc = self.oracle_mask(xs).float()
             o = {}
             for name, w in (('', p), ('_top8', top), ('_oracle', orc)):
+                w = torch.where(w > 1e-12 * w.amax(1, keepdim=True), w, 0.0)  # (see below: weights under 1e-12)
                 w = w / w.sum(1, keepdim=True)
                 o['h' + name] = F.normalize(torch.einsum('bt,btd->bd', w, h.float()), dim=-1)
                 o['f' + name] = torch.einsum('bt,btd->bd', w, f.float())
@@ -294,6 +308,34 @@ class CRLTAC(Method):
         return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
 
     def encode(self, x): return self.features(x)['h']
+
+    def eval_metrics(self, test) -> dict:
+        """P(T|X) on the test images (mass on crops touching the digit's cell, on crops holding ink, entropy in nats,
+        max probability, distinct argmax crops over the whole set) and how h spreads on the sphere (the paper's mean
+        pairwise Gaussian potential, Wang-Isola uniformity, mean |<h(x), h(x')>|); `emi eval --metrics method`."""
+        from equivariant_mi.evaluation import gaussian_potential, uniformity
+        c, dev = self.config, next(self.parameters()).device
+        was = self.training
+        self.eval()
+        lps, inks, hs = [], [], []
+        with torch.no_grad():
+            for xs in test.images.split(256):
+                xs = xs.to(dev)
+                lps.append(self.channel_log_probs(xs).float().cpu()); inks.append(self.grid.nonempty(xs).cpu())
+                hs.append(self.features(xs)['h'].float().cpu())
+        self.train(was)
+        cell = (self.grid.cell_mask(test.meta['cell'].cpu(), 'touching')
+                if 'cell' in test.meta and c.oracle_cells == 3 else None)
+        health = policy_health(torch.cat(lps), torch.cat(inks), cell)
+        h = torch.cat(hs)
+        cos = (h @ h.T).abs()
+        n = len(h)
+        out = {'n_images': n, 'p_entropy': health['p_entropy'], 'p_max': health['p_max'],
+               'p_ink_mass': health['p_ink_mass'], 'p_distinct_argmax': health['p_distinct_argmax'],
+               'h_gaussian_potential': gaussian_potential(h), 'h_uniformity': uniformity(h),
+               'h_mean_abs_cos': (cos.sum() - cos.diagonal().sum()) / (n * (n - 1))}
+        if cell is not None: out['p_digit_mass'] = health['p_cell_mass']
+        return {k: float(v) for k, v in out.items()}
 
 # %% ../../nbs/12_crl_tac.ipynb #0ec1ae51
 def p_gradient_diagnostic(method: CRLTAC, x: Tensor, cell: Tensor | None = None, seed: int = 1) -> dict:
@@ -311,3 +353,80 @@ def p_gradient_diagnostic(method: CRLTAC, x: Tensor, cell: Tensor | None = None,
            'corr_ink': corr(g, ink), 'top_crop_ink': ink.gather(1, g.argmax(1, keepdim=True)).mean().item()}
     if cell is not None: out['corr_cell'] = corr(g, method.grid.cell_mask(cell, 'touching').float())
     return out
+
+# %% ../../nbs/12_crl_tac.ipynb #920cc10f
+BENCH_PRESETS = ('placed-mnist', 'placed-mnist-candidate', 'placed-mnist-simclr')
+
+def _bench_parser():
+    from equivariant_mi.cli import _Parser, _setting
+    from equivariant_mi.bench import _int_arg, _seconds_arg
+    p = _Parser(prog='python -m equivariant_mi.bench crl-tac',
+                description='CRL-TAC: training images/s of ours and SimCLR, read-out images/s, peak memory.')
+    p.add_argument('--device', default=None, help='cuda, cuda:1 or cpu (default: cuda when available)')
+    p.add_argument('--presets', nargs='+', default=list(BENCH_PRESETS), help='crl-tac presets to time')
+    p.add_argument('--batch-sizes', type=_int_arg(1), nargs='+', default=None,
+                   help='images per step (default 256 on CUDA, 16 on CPU)')
+    p.add_argument('--warmup', type=_int_arg(1), default=None, help='untimed steps per row (default 5 CUDA, 1 CPU)')
+    p.add_argument('--steps', type=_int_arg(1), default=None, help='timed steps per row (default: 3 s CUDA, 2 steps CPU)')
+    p.add_argument('--seconds', type=_seconds_arg, default=None, help='timed seconds per row (GPU default 3)')
+    p.add_argument('--data', default='auto', help="auto (placed-MNIST, random 84x84 images when missing) or random")
+    p.add_argument('--precision', default='auto', help="fit's precision: auto, fp32, bf16, fp16")
+    p.add_argument('--compile', action='store_true', help='torch.compile the training step')
+    p.add_argument('--set', dest='settings', type=_setting, action='append', default=[], metavar='KEY=VALUE',
+                   help='override a config field of every preset')
+    p.add_argument('--threads', type=_int_arg(1), default=None, help='torch CPU threads')
+    p.add_argument('--json', default=None, help='also write the header and rows to this JSON file')
+    return p
+
+
+def benchmark(argv=None) -> int:
+    """`python -m equivariant_mi.bench crl-tac`: training images/s (crop gather + both phases, inside fit) of each
+    preset, the read-out's images/s (P net + 289 crops through h), and peak memory; a table on stdout."""
+    import resource, sys
+    from equivariant_mi.bench import (BenchArgumentError, TRAIN_COLUMNS, _device_line, _sync, bench_train, fixed_width,
+                         method_data, time_steps)
+    from equivariant_mi.cli import UsageError
+    from equivariant_mi.utils import resolve_device, write_json
+    try:
+        a = _bench_parser().parse_args(argv)
+        if a.threads: torch.set_num_threads(a.threads)
+        device = resolve_device(a.device)
+        cpu = device.type == 'cpu'
+        sizes = a.batch_sizes or ([16] if cpu else [256])
+        for p in a.presets: check_one_of('presets', p, sorted(CRLTAC.all_presets()))
+        warmup, steps = a.warmup or (1 if cpu else 5), a.steps or (2 if cpu and a.seconds is None else None)
+        header, rows = [], []
+        for preset in a.presets:
+            h, r = bench_train(['crl-tac'], preset, sizes, a.precision, a.compile, device, a.data, dict(a.settings),
+                               warmup=warmup, steps=steps, seconds=a.seconds)
+            header += h[:3] if not header else []
+            header += [l for l in h[3:]]
+            rows += [dict(x, pipeline=f'{preset}: fit') for x in r]
+    except (UsageError, BenchArgumentError, ValueError) as err:
+        print(f"python -m equivariant_mi.bench crl-tac: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    ds, _ = method_data(CRLTAC, 'placed-mnist', a.data if a.data in ('auto', 'random') else 'auto')
+    read = []
+    for preset in a.presets:                                  # the read-out: what emi eval pays per image
+        m = CRLTAC.from_preset(preset, **dict(a.settings)).to(device).eval()
+        x = ds.images[:sizes[0]].to(device)
+        if device.type == 'cuda': torch.cuda.reset_peak_memory_stats(device)
+        with torch.no_grad():
+            sec, _ = time_steps(lambda: m.features(x), device, seconds=a.seconds or (0.5 if cpu else 2.0),
+                                warmup=1)
+            gather, _ = time_steps(lambda: m.grid.all(x), device, seconds=0.2 if cpu else 1.0, warmup=1)
+        peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == 'cuda' else None
+        read.append(dict(preset=preset, batch=len(x), images_per_s=len(x) / sec, crops_per_s=len(x) * m.grid.n / gather,
+                         peak_mib=peak))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    cols = [c for c in TRAIN_COLUMNS if c[0] != 'method']
+    out = fixed_width(header + [f'process peak resident memory {rss:,.0f} MiB' + (' (the peak MiB column: CUDA '
+                                'allocator peak of the row)' if not cpu else '')], cols, rows)
+    rcols = [('read-out (features)', -38, lambda r: f"{r['preset']}: 289 crops + P"),
+             ('batch', 8, lambda r: str(r['batch'])), ('images/s', 12, lambda r: f"{r['images_per_s']:,.1f}"),
+             ('gather crops/s', 16, lambda r: f"{r['crops_per_s']:,.0f}"),
+             ('peak MiB', 10, lambda r: '-' if r['peak_mib'] is None else f"{r['peak_mib']:,.0f}")]
+    out += '\n\n' + fixed_width([], rcols, read).lstrip('\n')
+    print(out, flush=True)
+    if a.json: write_json(a.json, dict(header=header, rows=rows, readout=read, peak_rss_mib=rss))
+    return 0
