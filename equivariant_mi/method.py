@@ -236,8 +236,14 @@ class Method(nn.Module):
         return [Phase('main')]
 
     def check_images(self, images: torch.Tensor):
-        "Raise a ValueError if the encoder cannot take these images (uint8 [N, C, H, W])."
+        """Raise a ValueError if the encoder cannot take these images: uint8 [N, C, H, W], and exactly
+        [N, in_channels, image_size, image_size] when the config has those two fields."""
         check_images(images, 'images', dtype='uint8')
+        c, n = self.config, self.name
+        C, S = getattr(c, 'in_channels', None), getattr(c, 'image_size', None)
+        if C is not None and S is not None and tuple(images.shape[1:]) != (C, S, S):
+            raise ValueError(f"method {n!r} with in_channels={C}, image_size={S} takes images of shape "
+                             f"[N, {C}, {S}, {S}], got {list(images.shape)}")
 
     def setup(self, data):
         "One-off work once the data is on the training device: shape checks, lookup tables."

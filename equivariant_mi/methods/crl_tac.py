@@ -164,13 +164,6 @@ class CRLTAC(Method):
                        else None)
 
     # --- the channel ----------------------------------------------------------------------------------------
-    def check_images(self, images):
-        super().check_images(images)
-        c = self.config
-        if tuple(images.shape[1:]) != (c.in_channels, c.image_size, c.image_size):
-            raise ValueError(f"method 'crl-tac' with in_channels={c.in_channels}, image_size={c.image_size} takes images "
-                             f"[N, {c.in_channels}, {c.image_size}, {c.image_size}], got {list(images.shape)}")
-
     def oracle_mask(self, x: Tensor) -> Tensor:
         "Bool [N, T]: the crops inside the cell holding the most ink (on placed-MNIST, the digit's cell: its 9 crops)."
         k = self.config.oracle_cells

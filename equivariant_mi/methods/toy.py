@@ -64,13 +64,6 @@ class ToyInfoNCE(Method):
             nn.Flatten(), nn.Linear(2 * w * s * s, c.feature_dim))
         self.head = mlp([c.feature_dim, c.feature_dim, c.proj_dim])
 
-    def check_images(self, images):
-        super().check_images(images)
-        c = self.config
-        if tuple(images.shape[1:]) != (c.in_channels, c.image_size, c.image_size):
-            raise ValueError(f"method 'toy' with in_channels={c.in_channels}, image_size={c.image_size} takes images "
-                             f"of shape [N, {c.in_channels}, {c.image_size}, {c.image_size}], got {list(images.shape)}")
-
     def views(self, x, generator=None):
         "Two random projective warps of every image of x (uint8 or float), drawn from `generator`."
         c = self.config
