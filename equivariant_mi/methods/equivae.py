@@ -82,7 +82,7 @@ class EquiVAEConfig(MethodConfig):
     standardize: bool = False        # SVHN: every pixel to zero mean, unit std over the training set (appendix B)
     dropout: float = 0.5             # q(y|x)'s "dense dropout network" (ours: the rate is not given)
     labelled_batch_size: int | None = None  # semi-supervised: labelled items drawn per step (None: the batch size)
-    labelled_weight: float | None = None    # semi-supervised: weight of the labelled mean; None: N_lab / N (eq. 7)
+    labelled_weight: float | None = 1.0     # semi-supervised: weight of the labelled mean; None: N_lab / N (eq. 7 read literally)
     init: str = 'he'                 # 'he': Kaiming weights, zero biases (ours, see below); 'torch': PyTorch defaults
     val_size: int | None = 5000      # the first 5 000 MNIST training images: validation, for pictures (section 3.1)
 
