@@ -20,8 +20,8 @@ from ..utils import check_images, check_int, check_number, check_one_of
 # %% auto #0
 __all__ = ['ESTIMATORS', 'GENERATOR_LOSSES', 'ENCODERS', 'LOCAL_CRITICS', 'VARIANTS', 'DATASETS', 'SUPERVISED', 'BENCH_COLUMNS',
            'mi_lower_bound', 'prior_discriminator_loss', 'prior_encoder_loss', 'gradient_penalty', 'occlude',
-           'CoordinatePredictor', 'random_crop_flip', 'center_crop', 'DIMConfig', 'preset_grid', 'DIM', 'bench_dim',
-           'benchmark']
+           'CoordinatePredictor', 'random_crop_flip', 'center_crop', 'DIMConfig', 'preset_grid', 'DIM', 'count_flops',
+           'bench_dim', 'benchmark']
 
 # %% ../../nbs/10_dim.ipynb #753e1694
 ESTIMATORS = ('infonce', 'jsd', 'dv')
@@ -379,8 +379,26 @@ class DIM(Method):
 # %% ../../nbs/10_dim.ipynb #2de869ce
 import time
 
+class _TotalsOnly:
+    """Stands in for FlopCounterMode's per-module tracker, whose backward hooks raise inside the `autograd.grad` of
+    the prior's gradient penalty ('A leaf node was passed to _will_engine_execute_node', torch 2.14); the bench needs
+    only the total."""
+    parents = {'Global'}
+    def __enter__(self): return self
+    def __exit__(self, *exc): return False
+
+def count_flops(fn) -> int:
+    """Floating-point operations of fn() as torch's FlopCounterMode counts them (matrix products, convolutions, two
+    per multiply-add): a property of the shapes, the same on every device."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _TotalsOnly()
+    with counter: fn()
+    return counter.get_total_flops()
+
 def _bench_step(m, batch, device, steps, warmup):
-    "Seconds per training step of `m` as fit runs it (shared forward, each phase's backward, Adam), and CUDA peak MiB."
+    """Seconds per training step of `m` as fit runs it (shared forward, each phase's backward, Adam), CUDA peak MiB,
+    and the step's FLOPs (one more step, counted)."""
     from equivariant_mi.training import backward_phases, phase_parameters
     from equivariant_mi.bench import _sync
     m = m.to(device).train()
@@ -391,6 +409,7 @@ def _bench_step(m, batch, device, steps, warmup):
         out = m.training_step(batch, StepContext(step=k))
         backward_phases(out, phases, groups)
         for o in opts: o.step(); o.zero_grad(set_to_none=True)
+    flops = count_flops(lambda: step(0))
     for k in range(warmup): step(k)
     _sync(device)
     if device.type == 'cuda': torch.cuda.reset_peak_memory_stats(device)
@@ -399,13 +418,14 @@ def _bench_step(m, batch, device, steps, warmup):
     _sync(device)
     sec = (time.perf_counter() - t0) / steps
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == 'cuda' else None
-    return sec, peak
+    return sec, peak, flops
 
 
 def bench_dim(preset: str = 'cifar10', batch: int = 64, device=None, steps: int = 3, warmup: int = 1,
               estimators=ESTIMATORS, critics=LOCAL_CRITICS, seed: int = 0):
     """(header, rows): samples/s of one DIM(L) training step for each estimator x local critic on random images of
-    the preset's shape, and the local critic's share (the step minus the same step with beta = 0)."""
+    the preset's shape, and the local critic's share of its time and of its FLOPs (the step minus the same step with
+    beta = 0)."""
     from equivariant_mi.bench import _device_line, preset_dataset
     from equivariant_mi.utils import resolve_device
     check_int('batch', batch, 2); check_int('steps', steps); check_int('warmup', warmup, 0)
@@ -421,21 +441,22 @@ def bench_dim(preset: str = 'cifar10', batch: int = 64, device=None, steps: int 
     torch.manual_seed(seed)
     rows = []
     # the same step without the local term (beta = 0: encoder forward/backward, prior phase, Adam): its cost floor
-    sec0, peak0 = _bench_step(DIM(**{**base, 'beta': 0.0}), {'x': x}, device, steps, warmup)
+    sec0, peak0, flops0 = _bench_step(DIM(**{**base, 'beta': 0.0}), {'x': x}, device, steps, warmup)
     for critic in critics:
         for est in estimators:
             m = DIM(**{**base, 'estimator': est, 'local_critic': critic})
-            sec, peak = _bench_step(m, {'x': x}, device, steps, warmup)
+            sec, peak, flops = _bench_step(m, {'x': x}, device, steps, warmup)
             rows.append(dict(estimator=est, critic=critic, batch=batch, locations=math.prod(m.local_shape[1:]),
                              samples_per_s=batch / sec, ms_per_step=1e3 * sec, local_ms=1e3 * (sec - sec0),
-                             local_share=max(0.0, 1 - sec0 / sec), peak_mib=peak))
+                             local_share=max(0.0, 1 - sec0 / sec), gflop=flops / 1e9,
+                             flop_share=1 - flops0 / flops, peak_mib=peak))
     rows.append(dict(estimator='-', critic='none (beta = 0)', batch=batch, locations=None, samples_per_s=batch / sec0,
-                     ms_per_step=1e3 * sec0, local_ms=0.0, local_share=0.0, peak_mib=peak0))
-    c, s = DIM.presets[preset].get('in_channels', 3), shape
+                     ms_per_step=1e3 * sec0, local_ms=0.0, local_share=0.0, gflop=flops0 / 1e9, flop_share=0.0,
+                     peak_mib=peak0))
     header = [_device_line(device, f'DIM(L) training steps (preset {preset!r}, batch {batch}, random uint8 images '
                                    f'{tuple(shape)}, {steps} timed after {warmup} warm-up)'),
               'local share = 1 - (step with beta = 0) / (step): the part of the step the local critic and its bound '
-              'cost; peak memory is CUDA only']
+              'cost, in time and in FLOPs (counted by torch, the same on any device); peak memory is CUDA only']
     return header, rows
 
 
@@ -446,6 +467,8 @@ BENCH_COLUMNS = [('estimator', -10, lambda r: r['estimator']), ('local critic', 
                  ('ms/step', 9, lambda r: f"{r['ms_per_step']:.1f}"),
                  ('local ms', 10, lambda r: f"{r['local_ms']:.1f}"),
                  ('local share', 13, lambda r: f"{100 * r['local_share']:.0f} %"),
+                 ('GFLOP/step', 12, lambda r: f"{r['gflop']:.1f}"),
+                 ('FLOP share', 12, lambda r: f"{100 * r['flop_share']:.0f} %"),
                  ('peak MiB', 10, lambda r: '-' if r['peak_mib'] is None else f"{r['peak_mib']:,.0f}")]
 
 
