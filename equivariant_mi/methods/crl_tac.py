@@ -282,13 +282,15 @@ class CRLTAC(Method):
         return self.h_step(batch) if ctx.phase == 'h' else self.p_step(batch)
 
     # --- read-out (the paper's evaluation) -------------------------------------------------------------------
-    def features(self, x: Tensor) -> dict:
+    def features(self, x: Tensor, log_p: Tensor | None = None) -> dict:
         """Z = E_{P(T|x)} over all crops, at h (normalised) and f; the same over the top-8 crops of P; and over the
-        oracle channel (SimCLR (oracle) in the paper's table)."""
-        outs = []
-        for xs in x.split(self.config.eval_chunk):
+        oracle channel (SimCLR (oracle) in the paper's table). `log_p`: P's log-probabilities of x when the caller
+        already has them (P's network then runs once)."""
+        outs, chunks = [], x.split(self.config.eval_chunk)
+        lps = [None] * len(chunks) if log_p is None else log_p.split(self.config.eval_chunk)
+        for xs, lp in zip(chunks, lps):
             h, f = self.code(self.grid.all(xs), with_f=True)                          # [B, T, D], [B, T, 200]
-            p = self.channel_log_probs(xs).exp()
+            p = (self.channel_log_probs(xs) if lp is None else lp).exp()
             top = torch.zeros_like(p).scatter_(1, p.topk(min(8, p.shape[1]), -1).indices, 1.0)
             orc = self.oracle_mask(xs).float()
             o = {}
@@ -314,8 +316,9 @@ class CRLTAC(Method):
         with torch.no_grad():
             for xs in test.images.split(256):
                 xs = xs.to(dev)
-                lps.append(self.channel_log_probs(xs).float().cpu()); inks.append(self.grid.nonempty(xs).cpu())
-                hs.append(self.features(xs)['h'].float().cpu())
+                lp = self.channel_log_probs(xs)
+                lps.append(lp.float().cpu()); inks.append(self.grid.nonempty(xs).cpu())
+                hs.append(self.features(xs, lp)['h'].float().cpu())
         self.train(was)
         cell = (self.grid.cell_mask(test.meta['cell'].cpu(), 'touching')
                 if 'cell' in test.meta and c.oracle_cells == 3 else None)
