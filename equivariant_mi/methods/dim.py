@@ -392,7 +392,7 @@ def count_flops(fn) -> int:
     per multiply-add): a property of the shapes, the same on every device."""
     from torch.utils.flop_counter import FlopCounterMode
     counter = FlopCounterMode(display=False)
-    counter.mod_tracker = _TotalsOnly()
+    if hasattr(counter, 'mod_tracker'): counter.mod_tracker = _TotalsOnly()   # (older torch: no tracker)
     with counter: fn()
     return counter.get_total_flops()
 
