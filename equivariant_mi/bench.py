@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['PIPELINE_COLUMNS', 'TRAIN_COLUMNS', 'bench_images', 'PILPerspective', 'time_steps', 'gpu_pipeline', 'time_loader',
            'bench_pipeline', 'fixed_width', 'format_table', 'BenchArgumentError', 'preset_dataset', 'random_imageset',
-           'method_data', 'StepClock', 'pil_make_batch', 'plan_train', 'bench_train', 'format_train_table',
-           'build_parser', 'paper_benchmark', 'main']
+           'method_data', 'StepClock', 'pil_make_batch', 'fixed_make_batch', 'plan_train', 'bench_train',
+           'format_train_table', 'build_parser', 'paper_benchmark', 'main']
 
 # %% ../nbs/05b_bench.ipynb #120a81d8
 import argparse, math, os, platform, random, re, sys, tempfile, time, warnings
@@ -309,6 +309,16 @@ def pil_make_batch(method, images, batch: int, workers: int, device):
         return {'x': method.inputs(x), 'tx': method.inputs(tx), 't': method.standardize(t)}
     return make_batch, it
 
+
+def fixed_make_batch(method):
+    """(make_batch, None): the method's own batch, made once per batch size and handed back at every later step, so
+    the step runs without its data pipeline: the model-only rate that a pipeline's overhead is measured against."""
+    made, own = {}, method.make_batch
+    def make_batch(data, idx, ctx=None):
+        if len(idx) not in made: made[len(idx)] = own(data, idx, ctx)
+        return made[len(idx)]
+    return make_batch, None
+
 # %% ../nbs/05b_bench.ipynb #bdcf87d4
 def _device_line(device, what):
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine()
@@ -396,9 +406,10 @@ def _time_fit(name, preset, data, settings, batch, clock_kw, fit_kw, batches=Non
 
 def bench_train(methods, preset='default', batch_sizes=None, precision='auto', compile=False, device=None,
                 data='auto', settings=None, from_runs=None, warmup=None, steps=None, seconds=None,
-                workers=(4, 2), reference=True, n_random=None, seed=0, log=None):
+                workers=(4, 2), reference=True, n_random=None, seed=0, log=None, model_only=False):
     """Samples/s, ms/step and CUDA peak memory of fit's training step for each method and batch size
-    (VTE models: also the authors' fp32 PIL-loader configuration at each worker count): (header lines, rows)."""
+    (VTE models: also the authors' fp32 PIL-loader configuration at each worker count; `model_only`: also the same
+    step on one fixed batch, without the data pipeline): (header lines, rows)."""
     say = log or (lambda s: None)
     with tempfile.TemporaryDirectory(prefix='emi-bench-') as tmp:
         try:                                                         # every refusal before any timing
@@ -427,6 +438,11 @@ def bench_train(methods, preset='default', batch_sizes=None, precision='auto', c
                 label = 'ours: fit' + (' + torch.compile' if compile else '')
                 clock = _time_fit(cls.name, preset, ds, settings or {}, b, clock_kw, fit_kw)
                 rows.append(clock.row(method=cls.name, pipeline=label, precision=prec))
+                if model_only:
+                    say(f'timing {cls.name} at batch {b} on one fixed batch ...')
+                    clock = _time_fit(cls.name, preset, ds, settings or {}, b, clock_kw, fit_kw, fixed_make_batch)
+                    rows.append(clock.row(method=cls.name, pipeline='model only: one fixed batch' +
+                                          (' + torch.compile' if compile else ''), precision=prec))
                 if not (reference and _is_vte(cls)): continue
                 for w in workers:
                     say(f"timing {cls.name} at batch {b}, the authors' configuration with {w} workers ...")

@@ -399,7 +399,8 @@ def benchmark(argv=None) -> int:
             header += [l for l in h[3:]]
             rows += [dict(x, pipeline=f'{preset}: fit') for x in r]
     except (UsageError, BenchArgumentError, ValueError) as err:
-        print(f"python -m equivariant_mi.bench crl-tac: error: {' '.join(str(err).split())}", file=sys.stderr)
+        msg = ' '.join(str(err).split()).removeprefix('python -m equivariant_mi.bench crl-tac: ')  # _Parser's prog
+        print(f"python -m equivariant_mi.bench crl-tac: error: {msg}", file=sys.stderr)
         return 2
     ds, _ = method_data(CRLTAC, 'placed-mnist', a.data if a.data in ('auto', 'random') else 'auto')
     read = []
