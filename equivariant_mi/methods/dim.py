@@ -475,18 +475,20 @@ BENCH_COLUMNS = [('estimator', -10, lambda r: r['estimator']), ('local critic', 
 def benchmark(argv=None) -> int:
     """`python -m equivariant_mi.bench dim [--preset P] [--batch B] [--steps N] ...`: bench_dim's table; a bad
     argument is one line on stderr and exit status 2."""
-    import argparse, sys
-    from equivariant_mi.bench import fixed_width
+    import sys
+    from equivariant_mi.bench import _int_arg, fixed_width
+    from equivariant_mi.cli import UsageError, _Parser
     from equivariant_mi.utils import write_json
     cpu = not torch.cuda.is_available()
-    ap = argparse.ArgumentParser(prog='python -m equivariant_mi.bench dim',
-                                 description='DIM(L) step speed per estimator x local critic, and the critic share')
+    ap = _Parser(prog='python -m equivariant_mi.bench dim',
+                 description='DIM(L) step speed per estimator x local critic, and the critic share')
     ap.add_argument('--preset', default='mnist' if cpu else 'cifar10',
                     help="shapes from this preset (default: 'cifar10' on CUDA, the smaller 'mnist' on a CPU)")
-    ap.add_argument('--batch', type=int, default=64, help='batch size (default: 64, the authors\')')
+    ap.add_argument('--batch', type=_int_arg(2), default=64, help='batch size (default: 64, the authors\')')
     ap.add_argument('--device', default=None, help="'cpu', 'cuda' or 'cuda:N' (default: cuda if available)")
-    ap.add_argument('--steps', type=int, default=2 if cpu else 20, help='timed steps per row (default: 2 CPU, 20 GPU)')
-    ap.add_argument('--warmup', type=int, default=1 if cpu else 5, help='untimed steps first')
+    ap.add_argument('--steps', type=_int_arg(1), default=2 if cpu else 20,
+                    help='timed steps per row (default: 2 CPU, 20 GPU)')
+    ap.add_argument('--warmup', type=_int_arg(0), default=1 if cpu else 5, help='untimed steps first')
     ap.add_argument('--estimators', default=','.join(ESTIMATORS), help='comma-separated subset of infonce,jsd,dv')
     ap.add_argument('--critics', default=','.join(LOCAL_CRITICS), help='comma-separated subset of '
                                                                           'encode_dot,concat_conv')
@@ -495,11 +497,10 @@ def benchmark(argv=None) -> int:
         a = ap.parse_args(argv)
         header, rows = bench_dim(a.preset, a.batch, a.device, a.steps, a.warmup, a.estimators.split(','),
                                  a.critics.split(','))
-    except ValueError as err:
-        print(f"{ap.prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
+    except (UsageError, ValueError) as err:
+        msg = ' '.join(str(err).split()).removeprefix(f'{ap.prog}: ')       # _Parser's errors name the prog already
+        print(f"{ap.prog}: error: {msg}", file=sys.stderr)
         return 2
-    except SystemExit as e:      # argparse's own usage errors (already printed)
-        return int(e.code or 0)
     print(fixed_width(header, BENCH_COLUMNS, rows), flush=True)
     if a.json: write_json(a.json, dict(header=header, rows=rows))
     return 0
