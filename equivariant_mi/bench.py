@@ -6,7 +6,7 @@
 __all__ = ['PIPELINE_COLUMNS', 'TRAIN_COLUMNS', 'bench_images', 'PILPerspective', 'time_steps', 'gpu_pipeline', 'time_loader',
            'bench_pipeline', 'fixed_width', 'format_table', 'BenchArgumentError', 'preset_dataset', 'random_imageset',
            'method_data', 'StepClock', 'pil_make_batch', 'fixed_make_batch', 'plan_train', 'bench_train',
-           'format_train_table', 'build_parser', 'paper_benchmark', 'main']
+           'format_train_table', 'build_parser', 'paper_benchmark', 'usage_error', 'main']
 
 # %% ../nbs/05b_bench.ipynb #120a81d8
 import argparse, math, os, platform, random, re, sys, tempfile, time, warnings
@@ -563,6 +563,16 @@ def paper_benchmark(name):
     return getattr(importlib.import_module(module), 'benchmark', None)
 
 
+def usage_error(prog: str, err: Exception | str) -> int:
+    """Print a refused argument as one line on stderr, `PROG: error: MESSAGE`, and return the exit status 2. The CLI's
+    parser starts its messages with its own (sub)command's prog ('python -m equivariant_mi.bench train: ...'), which
+    then takes the place of `prog`; every benchmark's refusals go through here."""
+    msg = ' '.join(str(err).split())
+    where, msg = msg.split(': ', 1) if msg.startswith(prog) else (prog, msg)
+    print(f"{where}: error: {msg}", file=sys.stderr)
+    return 2
+
+
 def main(argv=None) -> int:
     """Command line: `python -m equivariant_mi.bench pipeline ...`, `... train METHOD ...`, or `... PAPER ...` (a method
     module's own benchmark) prints the table; a bad argument is one line on stderr and exit status 2."""
@@ -584,10 +594,7 @@ def main(argv=None) -> int:
                                        a.seconds, a.workers, not a.no_reference, a.n_random, a.seed, log=say)
             table = format_train_table(header, rows)
     except (UsageError, BenchArgumentError) as err:
-        msg, prog = ' '.join(str(err).split()), 'python -m equivariant_mi.bench'
-        where, msg = msg.split(': ', 1) if msg.startswith(prog) else (prog, msg)     # argparse's: 'prog train: ...'
-        print(f"{where}: error: {msg}", file=sys.stderr)
-        return 2
+        return usage_error('python -m equivariant_mi.bench', err)
     print(table, flush=True)
     if a.json: write_json(a.json, dict(header=header, rows=rows))
     return 0

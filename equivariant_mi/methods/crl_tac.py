@@ -380,7 +380,7 @@ def benchmark(argv=None) -> int:
     preset, the read-out's images/s (P net + 289 crops through h), and peak memory; a table on stdout."""
     import resource, sys
     from equivariant_mi.bench import (BenchArgumentError, TRAIN_COLUMNS, _device_line, _sync, bench_train, fixed_width,
-                         method_data, time_steps)
+                         method_data, time_steps, usage_error)
     from equivariant_mi.cli import UsageError
     from equivariant_mi.utils import resolve_device, write_json
     try:
@@ -399,9 +399,7 @@ def benchmark(argv=None) -> int:
             header += [l for l in h[3:]]
             rows += [dict(x, pipeline=f'{preset}: fit') for x in r]
     except (UsageError, BenchArgumentError, ValueError) as err:
-        msg = ' '.join(str(err).split()).removeprefix('python -m equivariant_mi.bench crl-tac: ')  # _Parser's prog
-        print(f"python -m equivariant_mi.bench crl-tac: error: {msg}", file=sys.stderr)
-        return 2
+        return usage_error('python -m equivariant_mi.bench crl-tac', err)
     ds, _ = method_data(CRLTAC, 'placed-mnist', a.data if a.data in ('auto', 'random') else 'auto')
     read = []
     for preset in a.presets:                                  # the read-out: what emi eval pays per image

@@ -475,8 +475,7 @@ BENCH_COLUMNS = [('estimator', -10, lambda r: r['estimator']), ('local critic', 
 def benchmark(argv=None) -> int:
     """`python -m equivariant_mi.bench dim [--preset P] [--batch B] [--steps N] ...`: bench_dim's table; a bad
     argument is one line on stderr and exit status 2."""
-    import sys
-    from equivariant_mi.bench import _int_arg, fixed_width
+    from equivariant_mi.bench import _int_arg, fixed_width, usage_error
     from equivariant_mi.cli import UsageError, _Parser
     from equivariant_mi.utils import write_json
     cpu = not torch.cuda.is_available()
@@ -498,9 +497,7 @@ def benchmark(argv=None) -> int:
         header, rows = bench_dim(a.preset, a.batch, a.device, a.steps, a.warmup, a.estimators.split(','),
                                  a.critics.split(','))
     except (UsageError, ValueError) as err:
-        msg = ' '.join(str(err).split()).removeprefix(f'{ap.prog}: ')       # _Parser's errors name the prog already
-        print(f"{ap.prog}: error: {msg}", file=sys.stderr)
-        return 2
+        return usage_error(ap.prog, err)
     print(fixed_width(header, BENCH_COLUMNS, rows), flush=True)
     if a.json: write_json(a.json, dict(header=header, rows=rows))
     return 0

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/13_equivae.ipynb #b41dc32a
 from __future__ import annotations
-import math, sys
+import math
 from dataclasses import dataclass
 
 import torch
@@ -497,9 +497,7 @@ def benchmark(argv=None) -> int:
     p.add_argument('--full', action='store_true', help='every batch size of the schedule on a CPU too')
     args, rest = p.parse_known_args(argv)
     bad = [q for q in args.presets if q not in EquiVAE.all_presets()]
-    if bad:
-        print(f"{p.prog}: error: --presets must be among {sorted(EquiVAE.all_presets())}, got {bad}", file=sys.stderr)
-        return 2
+    if bad: return bench.usage_error(p.prog, f"--presets must be among {sorted(EquiVAE.all_presets())}, got {bad}")
     device = rest[rest.index('--device') + 1] if '--device' in rest[:-1] else None
     try: cpu = resolve_device(device).type == 'cpu'
     except ValueError: cpu = False                                     # bench train reports the bad device

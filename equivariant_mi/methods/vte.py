@@ -471,9 +471,7 @@ def benchmark(argv=None) -> int:
                                      a.warmup or (2 if cpu else None), steps, a.seconds, a.workers,
                                      not a.no_reference, seed=0, log=say, model_only=True)
     except (UsageError, B.BenchArgumentError) as err:
-        msg = ' '.join(str(err).split()).removeprefix(f'{p.prog}: ')         # _Parser's errors name the prog already
-        print(f"{p.prog}: error: {msg}", file=sys.stderr)
-        return 2
+        return B.usage_error(p.prog, err)
     n = PROTOCOL_IMAGES[preset]
     for r in rows: r['epoch_s'] = n / r['samples_per_s']
     cols = B.TRAIN_COLUMNS + [('epoch s', 10, lambda r: f"{r['epoch_s']:,.0f}")]
