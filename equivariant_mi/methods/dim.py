@@ -398,7 +398,7 @@ def count_flops(fn) -> int:
 
 def _bench_step(m, batch, device, steps, warmup):
     """Seconds per training step of `m` as fit runs it (shared forward, each phase's backward, Adam), CUDA peak MiB,
-    and the step's FLOPs (one more step, counted)."""
+    and the step's FLOPs (counted on the first of the `warmup` untimed steps)."""
     from equivariant_mi.training import backward_phases, phase_parameters
     from equivariant_mi.bench import _sync
     m = m.to(device).train()
@@ -409,8 +409,8 @@ def _bench_step(m, batch, device, steps, warmup):
         out = m.training_step(batch, StepContext(step=k))
         backward_phases(out, phases, groups)
         for o in opts: o.step(); o.zero_grad(set_to_none=True)
-    flops = count_flops(lambda: step(0))
-    for k in range(warmup): step(k)
+    flops = count_flops(lambda: step(0))                  # the first untimed step, counted (run even at warmup 0)
+    for k in range(1, warmup): step(k)
     _sync(device)
     if device.type == 'cuda': torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
@@ -487,7 +487,8 @@ def benchmark(argv=None) -> int:
     ap.add_argument('--device', default=None, help="'cpu', 'cuda' or 'cuda:N' (default: cuda if available)")
     ap.add_argument('--steps', type=_int_arg(1), default=2 if cpu else 20,
                     help='timed steps per row (default: 2 CPU, 20 GPU)')
-    ap.add_argument('--warmup', type=_int_arg(0), default=1 if cpu else 5, help='untimed steps first')
+    ap.add_argument('--warmup', type=_int_arg(0), default=1 if cpu else 5,
+                    help='untimed steps first (at least one runs: it is counted)')
     ap.add_argument('--estimators', default=','.join(ESTIMATORS), help='comma-separated subset of infonce,jsd,dv')
     ap.add_argument('--critics', default=','.join(LOCAL_CRITICS), help='comma-separated subset of '
                                                                           'encode_dot,concat_conv')
